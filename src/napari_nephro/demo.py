@@ -1,0 +1,29 @@
+"""`nephro demo`: napari with a slide and the plugin's dock widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import Slide
+from .layers import slide_layer_data
+
+
+def run_demo(slide: Slide, screenshot: Path | None = None) -> int:
+    import napari
+
+    viewer = napari.Viewer(title=f"napari-nephro: {slide.source.name}", show=True)
+    data, kwargs, _ = slide_layer_data(slide)
+    viewer.add_image(data, **kwargs)
+    viewer.window.add_plugin_dock_widget("napari-nephro", "Slide info")
+    viewer.scale_bar.visible = True
+    viewer.scale_bar.unit = "um" if slide.mpp else None
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        viewer.window.resize(1400, 900)
+        napari.qt.get_qapp().processEvents()
+        viewer.screenshot(str(screenshot), canvas_only=False)
+        viewer.close()
+        print(f"screenshot saved to {screenshot}")
+        return 0
+    napari.run()
+    return 0

@@ -1,0 +1,66 @@
+"""What every slide reader provides, so `Slide` can stay format-agnostic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+# Micrometres per pixel outside this range come from a default resolution tag
+# (72 dpi is 352.8 um/px), not from a microscope, and are reported as unknown.
+PLAUSIBLE_MPP = (0.01, 50.0)
+
+
+class Backend(Protocol):
+    """One opened file. Tiles are the file's own tiles; level 0 is the finest."""
+
+    name: str  # "openslide", "tifffile" or "image"
+    vendor: str | None
+    level_shapes: list[tuple[int, int]]  # (height, width) per level
+    level_downsamples: list[float]
+    tile_shapes: list[tuple[int, int]]  # (height, width) of a full tile per level
+    mpp_yx: tuple[float, float] | None  # level 0, micrometres per pixel
+    objective_power: float | None
+    properties: Mapping[str, str]
+    associated_names: list[str]
+
+    def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        """Tile (ty, tx) of a level as (h, w, 3) uint8, clipped at the level's edge."""
+        ...
+
+    def read_associated(self, name: str) -> np.ndarray:
+        """An associated image (label, macro, thumbnail) as (h, w, 3) uint8."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def plausible_mpp(value: float | None) -> float | None:
+    """`value` if it can be a microscope's pixel size, else None (unknown)."""
+    if value is None or not np.isfinite(value):
+        return None
+    lo, hi = PLAUSIBLE_MPP
+    return float(value) if lo <= value <= hi else None
+
+
+def to_rgb(pixels: np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """(h, w[, 1|3|4]) uint8 -> (h, w, 3) uint8; transparency is laid over `background`.
+
+    Brightfield background is white, so a transparent pixel (outside the scanned
+    area) must be white too rather than black.
+    """
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    channels = pixels.shape[2]
+    if channels == 3:
+        return np.ascontiguousarray(pixels)
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    rgb, alpha = pixels[..., :3], pixels[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    weight = alpha.astype(np.float32) / 255.0
+    bg = np.asarray(background, dtype=np.float32)
+    out = rgb.astype(np.float32) * weight + bg * (1.0 - weight)
+    return np.rint(out).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Thin napari dock widgets: they gather inputs, call the core, and show results."""
