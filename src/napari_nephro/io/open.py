@@ -9,6 +9,7 @@ from .backend import Backend
 from .cache import DEFAULT_CACHE_BYTES
 from .errors import SlideError
 from .slide import Slide
+from .tiff_check import verify_tiff
 
 # Extensions each backend claims; the napari reader uses them to decide cheaply.
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".dcm", ".svslide")
@@ -83,17 +84,15 @@ def _open_backend(path: Path, backend: str | None) -> Backend:
     from .openslide_backend import VENDOR_FORMATS, OpenSlideBackend, detect_vendor
     from .tifffile_backend import TiffBackend
 
-    if backend == "openslide":
-        return OpenSlideBackend(path)
-    if backend == "tifffile":
-        return TiffBackend(path)
     if backend == "image":
         return ImageBackend(path)
-    vendor = detect_vendor(path)
-    if vendor in VENDOR_FORMATS:
+    is_tiff = _is_tiff(path)
+    if backend == "openslide" or (backend is None and detect_vendor(path) in VENDOR_FORMATS):
+        if is_tiff:
+            verify_tiff(path)  # OpenSlide would open a truncated SVS and fail tile by tile later
         return OpenSlideBackend(path)
-    if _is_tiff(path):
-        return TiffBackend(path)
+    if backend == "tifffile" or is_tiff:
+        return TiffBackend(path)  # checks completeness itself
     if path.suffix.lower() in OPENSLIDE_EXTENSIONS:
         raise SlideError(path, f"not a valid {path.suffix} slide: OpenSlide does not recognise its contents")
     return ImageBackend(path)

@@ -37,7 +37,10 @@ class OpenSlideBackend:
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideError(path, "not a slide format OpenSlide can read") from None
         except openslide.OpenSlideError as exc:
-            raise SlideError(path, f"OpenSlide cannot open it ({exc})") from None
+            hint = ""
+            if "No pyramid levels" in str(exc) and detect_vendor(path) == "dicom":
+                hint = ": a DICOM WSI needs its volume (pyramid) files in the same folder"
+            raise SlideError(path, f"OpenSlide cannot open it ({exc}){hint}") from None
         props = dict(self._slide.properties)
         self.properties = props
         self.vendor = props.get("openslide.vendor")

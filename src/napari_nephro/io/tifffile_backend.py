@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from .backend import plausible_mpp, to_rgb
 from .errors import SlideError
+from .tiff_check import check_complete, quiet_tifffile
 
 STRIP_CHUNK_ROWS = 256  # stripped images are read in bands of at least this many rows
 
@@ -25,17 +25,18 @@ class TiffBackend:
         import tifffile
 
         self.path = path
-        try:
-            self._tif = tifffile.TiffFile(str(path))
-            series = max(self._tif.series, key=lambda s: math.prod(s.shape))
-        except (tifffile.TiffFileError, ValueError, IndexError, OSError) as exc:
-            raise SlideError(path, f"not a readable TIFF ({exc})") from None
-        try:
-            self._levels = [_Level(self._tif, lvl, path) for lvl in series.levels]
-            self._check_complete()
-        except SlideError:
-            self._tif.close()
-            raise
+        with quiet_tifffile() as warnings:
+            try:
+                self._tif = tifffile.TiffFile(str(path))
+            except (tifffile.TiffFileError, ValueError, OSError) as exc:
+                raise SlideError(path, f"not a readable TIFF ({exc})") from None
+            try:
+                check_complete(self._tif, path, warnings)
+                series = max(self._tif.series, key=lambda s: math.prod(s.shape))
+                self._levels = [_Level(lvl, path) for lvl in series.levels]
+            except BaseException:
+                self._tif.close()
+                raise
         self.vendor = series.kind or None
         self.level_shapes = [lvl.shape for lvl in self._levels]
         h0, w0 = self.level_shapes[0]
@@ -50,16 +51,6 @@ class TiffBackend:
         }
         self.associated_names = sorted(self._associated)
         self._lock = threading.Lock()
-
-    def _check_complete(self) -> None:
-        """Refuse a truncated file now rather than fail tile by tile later."""
-        size = os.path.getsize(self.path)
-        for i, lvl in enumerate(self._levels):
-            ends = [o + n for o, n in zip(lvl.page.dataoffsets, lvl.page.databytecounts, strict=True) if n]
-            if ends and max(ends) > size:
-                raise SlideError(
-                    self.path, f"file is truncated: level {i} needs {max(ends)} bytes, the file has {size}"
-                )
 
     def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
         lvl = self._levels[level]
@@ -95,7 +86,7 @@ class TiffBackend:
 class _Level:
     """Where one level's tiles (or bands of strips) lie in the file."""
 
-    def __init__(self, tif, series, path: Path) -> None:
+    def __init__(self, series, path: Path) -> None:
         from tifffile import PHOTOMETRIC, PLANARCONFIG
 
         self.keyframe = series.keyframe

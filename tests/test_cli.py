@@ -1,0 +1,43 @@
+"""`nephro info` on the real slides, as a user reads it and as a script parses it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import require_shared
+from napari_nephro.cli import main
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.mark.parametrize(
+    ("name", "shapes", "mpp"),
+    [
+        ("CMU-1-Small-Region.svs", [(2220, 2967)], 0.499),
+        ("tcga-cr-7395-01a-01-ts1.svs", [(4443, 3567), (2221, 1783)], None),
+        ("CMU-1-Small-Region-dicom", [(2220, 2967)], 0.499),
+        ("small_HE_levels.tiff", [(300, 250), (150, 125), (75, 62), (37, 31)], None),
+    ],
+)
+def test_info_json_lists_levels_and_mpp(name, shapes, mpp, capsys):
+    assert main(["info", str(require_shared("wsi", name)), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [(lv["width"], lv["height"]) for lv in info["levels"]] == shapes
+    assert info["mpp"] == (pytest.approx(mpp) if mpp else None)
+    assert info["levels"][0]["tile_width"] > 0 and info["backend"] in ("openslide", "tifffile")
+
+
+def test_info_table_names_what_a_pathologist_checks(capsys):
+    assert main(["info", str(require_shared("wsi", "CMU-1-Small-Region.svs"))]) == 0
+    out = capsys.readouterr().out
+    for expected in ("aperio", "0.4990 um/px (file)", "20x", "label, macro, thumbnail", "240x240", "2220", "2967"):
+        assert expected in out
+
+
+def test_info_accepts_a_pixel_size_for_a_slide_without_one(capsys):
+    path = require_shared("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    assert main(["info", str(path), "--json", "--mpp", "0.25"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mpp_source"] == "user" and info["levels"][1]["mpp_x"] == pytest.approx(0.25 * 4443 / 2221, rel=1e-4)
