@@ -15,8 +15,7 @@ def run_demo(slide: Slide, screenshot: Path | None = None) -> int:
     data, kwargs, _ = slide_layer_data(slide)
     viewer.add_image(data, **kwargs)
     viewer.window.add_plugin_dock_widget("napari-nephro", "Slide info")
-    viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um" if slide.mpp else None
+    viewer.scale_bar.visible = True  # in micrometres when the layer has them
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         viewer.window.resize(1400, 900)

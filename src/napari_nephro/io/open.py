@@ -90,7 +90,7 @@ def _open_backend(path: Path, backend: str | None) -> Backend:
     if backend == "openslide" or (backend is None and detect_vendor(path) in VENDOR_FORMATS):
         if is_tiff:
             verify_tiff(path)  # OpenSlide would open a truncated SVS and fail tile by tile later
-        return OpenSlideBackend(path)
+        return OpenSlideBackend(path, check_tiles=not is_tiff)
     if backend == "tifffile" or is_tiff:
         return TiffBackend(path)  # checks completeness itself
     if path.suffix.lower() in OPENSLIDE_EXTENSIONS:

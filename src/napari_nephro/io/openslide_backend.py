@@ -28,7 +28,8 @@ def detect_vendor(path: Path) -> str | None:
 class OpenSlideBackend:
     name = "openslide"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check_tiles: bool = True) -> None:
+        """`check_tiles=False` skips the decode test, for TIFF files already checked whole."""
         import openslide
 
         self.path = path
@@ -60,7 +61,8 @@ class OpenSlideBackend:
         colour = props.get("openslide.background-color") or "FFFFFF"
         self._background = tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
         self.associated_names = sorted(self._slide.associated_images.keys())
-        self._check_readable()
+        if check_tiles:
+            self._check_readable()
 
     def _check_readable(self) -> None:
         """Decode the last tile of the finest and coarsest levels.
@@ -68,6 +70,7 @@ class OpenSlideBackend:
         A truncated file often still has a readable header; its missing tiles
         would only fail later, one by one, while the user pans. The last tiles are
         the likeliest to be missing, so test them now and refuse the file early.
+        TIFF-based files get the cheaper `verify_tiff` instead.
         """
         for level in {0, len(self.level_shapes) - 1}:
             h, w = self.level_shapes[level]

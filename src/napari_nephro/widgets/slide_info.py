@@ -9,6 +9,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QListWidget,
     QPushButton,
@@ -40,6 +41,7 @@ class SlideInfoWidget(QWidget):
         self.levels_table = QTableWidget(0, len(LEVEL_COLUMNS))
         self.levels_table.setHorizontalHeaderLabels(LEVEL_COLUMNS)
         self.levels_table.verticalHeader().setVisible(False)
+        self.levels_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.associated_list = QListWidget()
         self.open_associated_button = QPushButton("Open as layer")
         self.mpp_spin = QDoubleSpinBox(decimals=4, minimum=0.01, maximum=100.0, singleStep=0.01, suffix=" um/px")
