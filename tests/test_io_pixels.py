@@ -156,3 +156,16 @@ def test_region_outside_the_level_is_refused(tmp_path):
             slide.region(0, box)
     with pytest.raises(SlideError, match="no level 3"):
         slide.region(3, (0, 0, 1, 1))
+
+
+def test_display_pyramid_adds_averaged_levels_only_where_the_file_has_too_few(tmp_path):
+    from napari_nephro.io.pyramid import display_pyramid
+
+    (pixels,) = random_levels((1000, 301), 1, seed=4)
+    slide = open_slide(write_pyramid(tmp_path / "tall.tif", [pixels], "strips"))
+    levels = display_pyramid(slide.levels, max_side=300)
+    assert [lv.shape[:2] for lv in levels] == [(1000, 301), (500, 150), (250, 75)]
+    assert slide.level_count == 1  # the file's own levels are untouched
+    expected = pixels[:1000, :300].reshape(500, 2, 150, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(levels[1].compute(), np.round(expected).astype(np.uint8))
+    assert len(display_pyramid(slide.levels, max_side=1000)) == 1  # big enough already

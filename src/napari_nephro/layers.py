@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .io import Slide
+from .io.pyramid import display_pyramid
 
 
 def slide_layer_kwargs(slide: Slide) -> dict[str, Any]:
@@ -22,7 +23,12 @@ def slide_layer_kwargs(slide: Slide) -> dict[str, Any]:
 
 
 def slide_layer_data(slide: Slide) -> tuple[list[Any], dict[str, Any], str]:
-    """napari LayerData tuple: a multiscale RGB image named after the file."""
+    """napari LayerData tuple: a multiscale RGB image named after the file.
+
+    The file's own levels come first, then averaged levels for display where the
+    file has too few (see `display_pyramid`); napari derives each level's scale
+    from its shape.
+    """
     kwargs = {
         "name": slide.source.name,
         "rgb": True,
@@ -31,4 +37,4 @@ def slide_layer_data(slide: Slide) -> tuple[list[Any], dict[str, Any], str]:
         "metadata": {"slide": slide, "slide_info": slide.info()},
         **slide_layer_kwargs(slide),
     }
-    return (list(slide.levels), kwargs, "image")
+    return (display_pyramid(slide.levels), kwargs, "image")
