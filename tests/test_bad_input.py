@@ -104,3 +104,18 @@ def test_unknown_backend_and_bad_mpp_are_user_errors(tmp_path, capsys):
         open_slide(path, backend="bioformats")
     assert main(["info", str(path), "--mpp", "-3"]) == 2
     assert "not a positive size" in capsys.readouterr().err
+
+
+def test_demo_without_a_display_says_how_to_run_headless(monkeypatch, capsys):
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "xvfb-run" in err
+
+
+def test_demo_with_a_bad_slide_fails_before_any_window(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")  # a display is not what fails here
+    (tmp_path / "bad.ndpi").write_text("no")
+    assert main(["demo", str(tmp_path / "bad.ndpi")]) == 2
+    assert "bad.ndpi" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,11 +88,25 @@ def format_info(info: dict) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .sample import sample_slide_path
 
+    if not _has_display():
+        print(
+            "nephro: error: no display to open napari on: run it on a desktop, or headless as "
+            'xvfb-run -a -s "-screen 0 1600x1000x24" nephro demo --screenshot demo.png',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     path = Path(args.slide) if args.slide else sample_slide_path()
     slide = open_slide(path)  # fail here, with one line, before a window opens
     from .demo import run_demo
 
     return run_demo(slide, screenshot=args.screenshot)
+
+
+def _has_display() -> bool:
+    """Qt aborts the whole process without a display on Linux; say so in one line instead."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 if __name__ == "__main__":
