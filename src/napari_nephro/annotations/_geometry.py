@@ -1,0 +1,32 @@
+"""Turning whatever a file holds into valid polygons, or one clear reason why not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shapely.geometry import shape
+from shapely.validation import explain_validity, make_valid
+
+from .errors import AnnotationError
+from .model import as_area
+
+
+def polygonal(geometry_json: dict, where: str, path: Path, repair: bool, warnings: list[str]):
+    """A valid Polygon/MultiPolygon from GeoJSON geometry; None for points and lines."""
+    try:
+        geometry = shape(geometry_json)
+    except Exception as exc:  # shapely raises several types for malformed coordinates
+        raise AnnotationError(path, f"{where}: invalid geometry ({exc})") from None
+    if geometry.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        warnings.append(f"{where}: {geometry.geom_type} skipped (only areas are annotations here)")
+        return None
+    if not geometry.is_valid:
+        reason = explain_validity(geometry)
+        if not repair:
+            raise AnnotationError(path, f"{where}: invalid polygon ({reason})")
+        warnings.append(f"{where}: invalid polygon repaired ({reason})")
+        geometry = make_valid(geometry)
+    area = as_area(geometry)
+    if area is None:
+        warnings.append(f"{where}: polygon without area skipped")
+    return area

@@ -1,0 +1,73 @@
+"""QuPath GeoJSON: a FeatureCollection or a bare list of Features, with `classification.name`."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from shapely.geometry import mapping
+
+from ._geometry import polygonal
+from ._write import atomic_write_bytes
+from .colors import class_color
+from .errors import AnnotationError
+from .model import UNCLASSIFIED, Annotation, AnnotationSet
+
+
+def read_geojson(path: str | os.PathLike[str], *, repair: bool = True) -> AnnotationSet:
+    """Read polygons and their classes; `repair=False` refuses invalid (self-intersecting) polygons."""
+    path = Path(path)
+    data = _load_json(path)
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features", [])
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, dict) and data.get("type") in ("Polygon", "MultiPolygon"):
+        features = [{"type": "Feature", "geometry": data, "properties": {}}]
+    elif isinstance(data, list):
+        features = data
+    else:
+        raise AnnotationError(path, "not GeoJSON: expected a FeatureCollection, a Feature or a list of Features")
+    warnings: list[str] = []
+    found = []
+    for i, feature in enumerate(features):
+        if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
+            warnings.append(f"feature {i}: no geometry, skipped")
+            continue
+        geometry = polygonal(feature["geometry"], f"feature {i}", path, repair, warnings)
+        if geometry is None:
+            continue
+        props = feature.get("properties") or {}
+        classification = props.get("classification") or {}
+        label = classification.get("name") if isinstance(classification, dict) else None
+        object_type = props.get("objectType", "annotation")
+        found.append(Annotation(geometry, label or UNCLASSIFIED, object_type, {"index": i}))
+    return AnnotationSet(found, warnings=warnings)
+
+
+def write_geojson(annotations: AnnotationSet, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a FeatureCollection QuPath opens: objectType, classification name and colour."""
+    features = []
+    for ann in annotations:
+        properties = {"objectType": ann.object_type}
+        if ann.label != UNCLASSIFIED:
+            properties["classification"] = {"name": ann.label, "color": list(class_color(ann.label))}
+        features.append(
+            {"type": "Feature", "id": str(uuid.uuid4()), "geometry": mapping(ann.geometry), "properties": properties}
+        )
+    text = json.dumps({"type": "FeatureCollection", "features": features})
+    return atomic_write_bytes(path, text.encode(), overwrite=overwrite)
+
+
+def _load_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise AnnotationError(path, "no such file") from None
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise AnnotationError(path, f"not a JSON text file ({exc.__class__.__name__})") from None

@@ -1,0 +1,79 @@
+"""`Annotation` and `AnnotationSet`: shapely geometries with a class name, in level-0 pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
+
+UNCLASSIFIED = "unclassified"
+
+
+@dataclass
+class Annotation:
+    """One object: a polygon (holes allowed) or several parts, and its class name."""
+
+    geometry: Polygon | MultiPolygon
+    label: str = UNCLASSIFIED
+    object_type: str = "annotation"  # QuPath: "annotation" (drawn) or "detection" (found by a model)
+    properties: dict = field(default_factory=dict)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in level-0 pixels."""
+        return self.geometry.bounds
+
+    @property
+    def area(self) -> float:
+        return float(self.geometry.area)
+
+    def polygons(self) -> list[Polygon]:
+        g = self.geometry
+        return list(g.geoms) if isinstance(g, MultiPolygon) else [g]
+
+
+class AnnotationSet:
+    """The annotations of one image or slide, with the class names they use in a stable order."""
+
+    def __init__(
+        self,
+        annotations: Iterable[Annotation] = (),
+        classes: Iterable[str] | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self.annotations = list(annotations)
+        self.warnings = list(warnings or [])  # what was repaired or skipped while reading
+        seen = list(dict.fromkeys(classes or ()))
+        for a in self.annotations:
+            if a.label not in seen:
+                seen.append(a.label)
+        self.classes = seen
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __iter__(self) -> Iterator[Annotation]:
+        return iter(self.annotations)
+
+    def __getitem__(self, index: int) -> Annotation:
+        return self.annotations[index]
+
+    def class_id(self, label: str) -> int:
+        """1-based class id (0 is background)."""
+        return self.classes.index(label) + 1
+
+    def by_class(self, label: str) -> AnnotationSet:
+        return AnnotationSet([a for a in self if a.label == label], classes=[label])
+
+    def counts(self) -> dict[str, int]:
+        return {c: sum(a.label == c for a in self) for c in self.classes}
+
+
+def as_area(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:
+    """The polygonal part of a geometry (lines and points dropped), or None if it has no area."""
+    if isinstance(geometry, Polygon | MultiPolygon):
+        return geometry if not geometry.is_empty and geometry.area > 0 else None
+    parts = [g for g in getattr(geometry, "geoms", []) if isinstance(g, Polygon) and g.area > 0]
+    return MultiPolygon(parts) if parts else None
