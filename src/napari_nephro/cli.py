@@ -14,9 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .annotations import AnnotationError
 from .io import SlideError, open_slide
+from .pipelines import EvaluationError
 
 EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A wrong option value: printed as one line."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except SlideError as exc:
+    except (SlideError, AnnotationError, EvaluationError, UserError) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -43,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for files that do not say")
     info.set_defaults(func=cmd_info)
 
+    ev = sub.add_parser("evaluate", help="compare predictions with ground truth: Dice, instance precision/recall/F1")
+    ev.add_argument("--pred", required=True, help="prediction: GeoJSON, COCO, label image, or a folder of them")
+    ev.add_argument("--truth", required=True, help="ground truth: same formats; folders are matched by file stem")
+    ev.add_argument("--iou", type=float, default=0.5, help="IoU at which two objects match (default 0.5)")
+    ev.add_argument("--per-crop", action="store_true", help="also score each true object cut out with a 25%% margin")
+    ev.add_argument("--shape", type=_shape, help="HEIGHT,WIDTH of the image when both sides are polygons")
+    ev.add_argument("--json", action="store_true", help="print everything as JSON")
+    ev.set_defaults(func=cmd_evaluate)
+
     demo = sub.add_parser(
         "demo", help="open napari with a slide (default: the synthetic sample) and the plugin's widgets"
     )
@@ -50,6 +65,56 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--screenshot", type=Path, metavar="PNG", help="save a screenshot of the window and exit")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipelines import evaluate
+
+    if not 0 < args.iou <= 1:
+        raise UserError(f"--iou must be in (0, 1], not {args.iou}")
+    report = evaluate(args.pred, args.truth, iou_threshold=args.iou, crops=args.per_crop, shape=args.shape)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_evaluation(report))
+    return 0
+
+
+def format_evaluation(report: dict) -> str:
+    """Per-image rows, then mean ± sd as the papers' tables report them."""
+    cols = ("dice", "precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
+    heads = ("Dice", "precision", "recall", "F1", "mIoU", "PQ")
+    rows = [
+        f"{'image':<28} {'true':>5} {'pred':>5} {'TP':>5} {'FP':>5} {'FN':>5} " + " ".join(f"{h:>9}" for h in heads)
+    ]
+    for r in report["images"]:
+        cells = " ".join(f"{_fmt(r[c]):>9}" for c in cols)
+        rows.append(
+            f"{r['image'][:28]:<28} {r['n_true']:>5} {r['n_pred']:>5} {r['tp']:>5} {r['fp']:>5} {r['fn']:>5} {cells}"
+        )
+        for name, s in r.get("per_class", {}).items():
+            rows.append(f"  {name[:26]:<26} Dice {_fmt(s['dice'])}")
+        if "crop_dice_mean" in r:
+            rows.append(f"  {'per-crop Dice (mean)':<26} {_fmt(r['crop_dice_mean'])}")
+    summary = report["summary"]
+    parts = [f"{h} {_fmt(summary[c]['mean'])} ± {_fmt(summary[c]['std'])}" for c, h in zip(cols, heads, strict=True)]
+    rows.append(f"mean ± sd over {len(report['images'])} images: " + ", ".join(parts))
+    rows.append(f"(IoU threshold {report['iou_threshold']}; '-' = undefined: nothing to divide by)")
+    return "\n".join(rows)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -1,0 +1,95 @@
+"""`nephro evaluate` on the real annotated sets, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from conftest import require_shared
+from napari_nephro.annotations import rasterize, read_coco
+from napari_nephro.cli import main
+
+
+def _json(capsys, *args):
+    assert main(["evaluate", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_nuclei_against_themselves_score_perfectly(capsys):
+    truth = require_shared("nuclei", "miccai2015_tcga", "image02_labels.tif")
+    report = _json(capsys, "--pred", str(truth), "--truth", str(truth))
+    (row,) = report["images"]
+    assert row["dice"] == 1.0 and row["f1"] == 1.0 and row["tp"] == row["n_true"] == 127
+
+
+def test_a_shrunken_prediction_folder_matches_an_independent_count(tmp_path, capsys):
+    folder = require_shared("nuclei", "miccai2015_tcga")
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    expected = {}
+    for path in sorted(folder.glob("*_labels.tif"))[:3]:
+        truth = tifffile.imread(path)
+        pred = ndimage.grey_erosion(truth, size=5)
+        tifffile.imwrite(pred_dir / path.name, pred)
+        inter = np.sum((pred > 0) & (truth > 0))
+        expected[path.stem.removesuffix("_labels")] = 2 * inter / (np.sum(pred > 0) + np.sum(truth > 0))
+    report = _json(capsys, "--pred", str(pred_dir), "--truth", str(folder), "--per-crop")
+    assert {r["image"]: pytest.approx(r["dice"]) for r in report["images"]} == expected
+    assert report["summary"]["dice"]["n"] == 3 and all(r["crops"] for r in report["images"])
+
+
+def test_coco_truth_against_a_folder_of_label_images(tmp_path, capsys):
+    coco = require_shared("glomeruli", "bupt_multistain_dev", "annotations.json")
+    images = read_coco(coco)
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    for entry in list(images.values())[:5]:
+        tifffile.imwrite(pred_dir / f"{entry.stem}.tif", rasterize(entry.annotations, (entry.height, entry.width)))
+    report = _json(capsys, "--pred", str(pred_dir), "--truth", str(coco))
+    assert len(report["images"]) == 5
+    for row in report["images"]:
+        assert row["f1"] in (1.0, None) and row["dice"] in (1.0, None)
+        assert set(row["per_class"]) == {"gl", "gn", "gm", "gs"}
+
+
+def test_table_output_reports_undefined_as_a_dash(tmp_path, capsys):
+    empty = tmp_path / "empty.tif"
+    tifffile.imwrite(empty, np.zeros((20, 20), np.uint16))
+    assert main(["evaluate", "--pred", str(empty), "--truth", str(empty)]) == 0
+    out = capsys.readouterr().out
+    assert "empty" in out and " -" in out and "undefined" in out
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("shapes", "must cover the same image"),
+        ("missing", "no such file"),
+        ("no common", "no file stem in common"),
+        ("bad iou", "--iou must be"),
+        ("polygons only", "need an image size"),
+    ],
+)
+def test_evaluate_refusals_are_one_line(tmp_path, capsys, setup, reason):
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    tifffile.imwrite(a, np.zeros((10, 10), np.uint16))
+    tifffile.imwrite(b, np.zeros((10, 12), np.uint16))
+    args = {
+        "shapes": ["--pred", str(a), "--truth", str(b)],
+        "missing": ["--pred", str(tmp_path / "x.tif"), "--truth", str(b)],
+        "no common": ["--pred", str(tmp_path), "--truth", str(require_shared("nuclei", "miccai2015_tcga"))],
+        "bad iou": ["--pred", str(a), "--truth", str(a), "--iou", "1.5"],
+        "polygons only": [
+            "--pred",
+            str(require_shared("annotations", "hubmap_aaa6a05cc_glomeruli.geojson")),
+            "--truth",
+            str(require_shared("annotations", "hubmap_aaa6a05cc_glomeruli.geojson")),
+        ],
+    }[setup]
+    assert main(["evaluate", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and reason in captured.err
