@@ -1,0 +1,186 @@
+""" "Compare" dock widget: a prediction Labels layer against a ground-truth one.
+
+Adds the TP/FP/FN layer (green, yellow, red, as in the paper's figures) and a
+table of objects; clicking a row centres the view on that object.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from scipy import ndimage
+
+from ..evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
+from ..evaluation.tpfpfn import TPFPFN_COLORS
+
+if TYPE_CHECKING:
+    import napari
+
+TABLE_COLUMNS = ("side", "id", "class", "area_px", "area_um2", "matched_id", "iou", "outcome")
+
+
+class CompareWidget(QWidget):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.pred_combo = QComboBox()
+        self.truth_combo = QComboBox()
+        self.iou_spin = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=1.0, singleStep=0.05)
+        self.iou_spin.setValue(0.5)
+        self.compare_button = QPushButton("Compare")
+        self.summary = QLabel("")
+        self.summary.setWordWrap(True)
+        self.table = QTableWidget(0, len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
+        self.table.verticalHeader().setVisible(False)
+        self.copy_button = QPushButton("Copy table as CSV")
+        self.rows: list[dict] = []
+        self.result_layer = None
+
+        form = QFormLayout()
+        form.addRow("Prediction", self.pred_combo)
+        form.addRow("Ground truth", self.truth_combo)
+        form.addRow("Match at IoU ≥", self.iou_spin)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.compare_button)
+        buttons.addWidget(self.copy_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.table)
+
+        self.compare_button.clicked.connect(self.compare)
+        self.copy_button.clicked.connect(self.copy_csv)
+        self.table.cellClicked.connect(self.jump_to_row)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    def _labels_layers(self):
+        from napari.layers import Labels
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels) and layer is not self.result_layer]
+
+    def _refresh(self, *_: object) -> None:
+        names = [layer.name for layer in self._labels_layers()]
+        for combo, default in ((self.pred_combo, 0), (self.truth_combo, 1)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            elif len(names) > default:
+                combo.setCurrentIndex(default)
+            combo.blockSignals(False)
+
+    def _layer(self, name: str):
+        return next((layer for layer in self._labels_layers() if layer.name == name), None)
+
+    def compare(self) -> None:
+        pred_layer, truth_layer = (
+            self._layer(self.pred_combo.currentText()),
+            self._layer(self.truth_combo.currentText()),
+        )
+        if pred_layer is None or truth_layer is None:
+            self.summary.setText("Choose a prediction and a ground-truth Labels layer.")
+            return
+        pred, truth = _level0(pred_layer), _level0(truth_layer)
+        if pred.shape != truth.shape:
+            self.summary.setText(
+                f"The layers differ in shape ({pred.shape} vs {truth.shape}): they must cover the same image."
+            )
+            return
+        pixel = pixel_scores(pred, truth)
+        result = match_instances(pred, truth, self.iou_spin.value())
+        mpp = float(truth_layer.scale[-1]) if str(truth_layer.units[-1]) == "micrometer" else None
+        self.rows = object_table(result, truth, pred, mpp=mpp)
+        self._show_table()
+        self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer)
+        self.summary.setText(
+            f"Dice {_fmt(pixel.dice)}  IoU {_fmt(pixel.iou)}  |  objects: {result.n_true} true, {result.n_pred} predicted, "
+            f"TP {result.tp}, FP {result.fp}, FN {result.fn}  |  precision {_fmt(result.precision)}, "
+            f"recall {_fmt(result.recall)}, F1 {_fmt(result.f1)}, PQ {_fmt(result.panoptic_quality)}"
+        )
+
+    def _show_map(self, agreement: np.ndarray, pred_layer, truth_layer) -> None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors = {0: "transparent", None: "transparent"}
+        colors.update({k: np.array([*v, 255]) / 255 for k, v in TPFPFN_COLORS.items()})
+        name = f"TP/FP/FN: {pred_layer.name} vs {truth_layer.name}"
+        if self.result_layer is not None and self.result_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.result_layer)
+        self.result_layer = self.viewer.add_labels(
+            agreement,
+            name=name,
+            colormap=DirectLabelColormap(color_dict=colors),
+            opacity=0.6,
+            scale=truth_layer.scale,
+            translate=truth_layer.translate,
+            units=truth_layer.units,
+        )
+
+    def _show_table(self) -> None:
+        self.table.setRowCount(len(self.rows))
+        for r, row in enumerate(self.rows):
+            for c, key in enumerate(TABLE_COLUMNS):
+                value = row[key]
+                text = "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+                self.table.setItem(r, c, QTableWidgetItem(text))
+
+    def csv_text(self) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+    def copy_csv(self) -> None:
+        QApplication.clipboard().setText(self.csv_text())
+
+    def jump_to_row(self, row: int, _column: int = 0) -> None:
+        """Centre the view on the object of a table row."""
+        entry = self.rows[row]
+        layer = self._layer(
+            self.truth_combo.currentText() if entry["side"] == "truth" else self.pred_combo.currentText()
+        )
+        if layer is None:
+            return
+        data = _level0(layer)
+        centre = ndimage.center_of_mass(data == entry["id"])
+        world = np.asarray(layer.data_to_world(centre))
+        _camera(self.viewer).center = tuple(world)
+        self.viewer.layers.selection.active = layer
+
+
+def _camera(viewer):
+    """napari 0.9 moved the camera to viewer.scene; older versions keep viewer.camera."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _level0(layer) -> np.ndarray:
+    data = layer.data[0] if layer.multiscale else layer.data
+    return np.asarray(data)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
