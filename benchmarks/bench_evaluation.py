@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
+from _table import print_table
 from napari_nephro.evaluation import match_instances, pixel_scores
 
 
@@ -77,15 +78,6 @@ def bench_blockwise(side: int) -> list[tuple]:
             f"{max(peak - before, 1) / in_memory:.3f}",
         )
     ]
-
-
-def print_table(title, header, rows):
-    widths = [max(len(str(v)) for v in col) for col in zip(header, *rows, strict=True)]
-    print(f"\n{title}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def main(argv=None) -> int:

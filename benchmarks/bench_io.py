@@ -23,6 +23,7 @@ import numpy as np
 import openslide
 import tifffile
 
+from _table import print_table
 from napari_nephro import open_slide
 
 WSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi"
@@ -165,15 +166,6 @@ def bench_read(repeat: int) -> list[tuple]:
         )
         slide.close()
     return rows
-
-
-def print_table(title: str, header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(v)) for v in col) for col in zip(header, *rows, strict=True)]
-    print(f"\n{title}")
-    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
