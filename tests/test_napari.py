@@ -40,10 +40,10 @@ def test_dicom_folder_opens_named_after_the_folder(make_napari_viewer):
 
 
 def test_a_file_that_is_not_a_slide_is_one_notification_not_a_crash(make_napari_viewer, tmp_path, monkeypatch):
-    import napari_nephro._reader as reader
+    import napari_nephro._reading as reading
 
     shown = []
-    monkeypatch.setattr(reader, "_notify_error", shown.append)
+    monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
     viewer = make_napari_viewer()
     bad = tmp_path / "renamed.svs"
     bad.write_text("not a slide")

@@ -20,10 +20,10 @@ def test_geojson_opens_as_shapes_aligned_with_the_open_slide(make_napari_viewer)
 
 
 def test_broken_annotation_file_is_one_notification(make_napari_viewer, tmp_path, monkeypatch):
-    import napari_nephro._annotation_reader as reader
+    import napari_nephro._reading as reading
 
     shown = []
-    monkeypatch.setattr(reader, "_notify", lambda message, error=True: shown.append(message))
+    monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
     viewer = make_napari_viewer()
     bad = tmp_path / "broken.geojson"
     bad.write_text("{oops")

@@ -7,10 +7,10 @@ layer takes that slide's scale, so the outlines sit on the tissue in micrometres
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ._reading import LayerData, as_paths, notify, read_each
 from .annotations import AnnotationError, AnnotationSet, read_annotations
 from .annotations.colors import class_color
 
@@ -18,28 +18,24 @@ VECTOR_SUFFIXES = (".geojson", ".json")
 
 
 def get_annotation_reader(path: str | list[str]):
-    paths = [path] if isinstance(path, str | Path) else list(path)
+    paths = as_paths(path)
     if not paths or not all(str(p).lower().endswith(VECTOR_SUFFIXES) for p in paths):
         return None
     return read_annotation_files
 
 
-def read_annotation_files(path: str | list[str]) -> list[tuple[Any, dict, str]]:
-    paths = [path] if isinstance(path, str | Path) else list(path)
-    layers = []
-    for p in paths:
-        try:
-            annotations = read_annotations(p)
-        except AnnotationError as exc:
-            _notify(str(exc))
-            continue
-        for warning in annotations.warnings[:5]:
-            _notify(f"{Path(p).name}: {warning}", error=False)
-        layers.append(shapes_layer_data(annotations, Path(p).name, scale=_slide_scale()))
-    return layers or [(None,)]
+def read_annotation_files(path: str | list[str]) -> list[LayerData]:
+    return read_each(path, _read_one, (AnnotationError,))
 
 
-def shapes_layer_data(annotations: AnnotationSet, name: str, scale=None) -> tuple[list, dict, str]:
+def _read_one(path) -> list[LayerData]:
+    annotations = read_annotations(path)
+    for warning in annotations.warnings[:5]:
+        notify(f"{Path(path).name}: {warning}", error=False)
+    return [shapes_layer_data(annotations, Path(path).name, scale=_slide_scale())]
+
+
+def shapes_layer_data(annotations: AnnotationSet, name: str, scale=None) -> LayerData:
     """Polygon outlines in (y, x) level-0 pixels, one shape per polygon part, class as a feature."""
     data, labels, ids = [], [], []
     for index, ann in enumerate(annotations, start=1):
@@ -76,9 +72,3 @@ def _slide_scale():
     if len(slides) != 1:
         return None
     return tuple(slides[0].scale), tuple(str(u) for u in slides[0].units)
-
-
-def _notify(message: str, error: bool = True) -> None:
-    from napari.utils.notifications import show_error, show_warning
-
-    (show_error if error else show_warning)(message)
