@@ -179,3 +179,11 @@ def test_writing_never_overwrites_unless_asked(tmp_path):
     assert path.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.geojson"]
     write_geojson(one, path, overwrite=True)
     assert len(read_geojson(path)) == 1
+
+
+def test_malformed_coco_entry_is_one_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}))
+    with pytest.raises(AnnotationError, match="malformed COCO entry") as info:
+        read_coco(path)
+    assert "broken.json" in str(info.value) and "\n" not in str(info.value)

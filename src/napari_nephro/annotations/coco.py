@@ -10,9 +10,9 @@ import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
 from ._geometry import polygonal
+from ._json import is_coco, load_json
 from ._write import atomic_write_bytes
 from .errors import AnnotationError
-from .geojson import _load_json
 from .model import Annotation, AnnotationSet
 from .raster import rasterize, vectorize
 from .rle import rle_decode, rle_encode
@@ -32,9 +32,20 @@ class CocoImage:
 def read_coco(path: str | os.PathLike[str], *, repair: bool = True) -> dict[str, CocoImage]:
     """Images by file name, each with its annotations (category names as classes)."""
     path = Path(path)
-    data = _load_json(path)
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+    return coco_from_data(load_json(path), path, repair=repair)
+
+
+def coco_from_data(data, path: Path, *, repair: bool = True) -> dict[str, CocoImage]:
+    """Images of already-parsed COCO JSON (`path` only names the file in messages)."""
+    if not is_coco(data):
         raise AnnotationError(path, "not COCO: expected 'images', 'annotations' and 'categories'")
+    try:
+        return _coco_images(data, path, repair)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AnnotationError(path, f"malformed COCO entry ({exc.__class__.__name__}: {exc})") from None
+
+
+def _coco_images(data: dict, path: Path, repair: bool) -> dict[str, CocoImage]:
     names = {c["id"]: str(c["name"]) for c in data["categories"]}
     classes = list(names.values())
     images = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 from shapely.geometry import mapping
 
 from ._geometry import polygonal
+from ._json import load_json
 from ._write import atomic_write_bytes
 from .colors import class_color
 from .errors import AnnotationError
@@ -19,7 +20,11 @@ from .model import UNCLASSIFIED, Annotation, AnnotationSet
 def read_geojson(path: str | os.PathLike[str], *, repair: bool = True) -> AnnotationSet:
     """Read polygons and their classes; `repair=False` refuses invalid (self-intersecting) polygons."""
     path = Path(path)
-    data = _load_json(path)
+    return geojson_from_data(load_json(path), path, repair=repair)
+
+
+def geojson_from_data(data, path: Path, *, repair: bool = True) -> AnnotationSet:
+    """Annotations from already-parsed GeoJSON (`path` only names the file in messages)."""
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features", [])
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -39,7 +44,8 @@ def read_geojson(path: str | os.PathLike[str], *, repair: bool = True) -> Annota
         geometry = polygonal(feature["geometry"], f"feature {i}", path, repair, warnings)
         if geometry is None:
             continue
-        props = feature.get("properties") or {}
+        props = feature.get("properties")
+        props = props if isinstance(props, dict) else {}
         classification = props.get("classification") or {}
         label = classification.get("name") if isinstance(classification, dict) else None
         object_type = props.get("objectType", "annotation")
@@ -59,15 +65,3 @@ def write_geojson(annotations: AnnotationSet, path: str | os.PathLike[str], *, o
         )
     text = json.dumps({"type": "FeatureCollection", "features": features})
     return atomic_write_bytes(path, text.encode(), overwrite=overwrite)
-
-
-def _load_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise AnnotationError(path, "no such file") from None
-    except json.JSONDecodeError as exc:
-        raise AnnotationError(path, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise AnnotationError(path, f"not a JSON text file ({exc.__class__.__name__})") from None

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..annotations import AnnotationError, AnnotationSet, rasterize, read_annotations
-from ..annotations.coco import read_coco
+from ..annotations import AnnotationSet, rasterize, read_annotations
+from ..annotations._json import is_coco, load_json
+from ..annotations.coco import coco_from_data
+from ..annotations.geojson import geojson_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
+from ..annotations.model import UNCLASSIFIED
 from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", *LABEL_IMAGE_EXTENSIONS)
@@ -28,12 +33,15 @@ class Labels:
     names: list[str]
 
 
-def load_labels(path: Path, shape: tuple[int, int] | None = None, image: str | None = None) -> Labels:
+def load_labels(path: Path, shape: tuple[int, int] | None = None) -> Labels:
     """Instance (and class) rasters from any annotation file; vector files need `shape`."""
     if path.suffix.lower() in LABEL_IMAGE_EXTENSIONS:
         instances = read_label_image(path)
         return Labels(instances, None, [])
-    annotations = read_annotations(path, image=image)
+    return _polygon_labels(read_annotations(path), path, shape)
+
+
+def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, int] | None) -> Labels:
     if shape is None:
         raise EvaluationError(
             f"{path}: polygons need an image size: give --shape HEIGHT,WIDTH or a label image on the other side"
@@ -43,7 +51,7 @@ def load_labels(path: Path, shape: tuple[int, int] | None = None, image: str | N
 
 def _rasterized(annotations: AnnotationSet, shape) -> Labels:
     instances = rasterize(annotations, shape)
-    named = [c for c in annotations.classes if c != "unclassified"]
+    named = [c for c in annotations.classes if c != UNCLASSIFIED]
     classes = rasterize(annotations, shape, values="class") if named else None
     return Labels(instances, classes, list(annotations.classes))
 
@@ -92,52 +100,47 @@ def evaluate(
     for p in (pred, truth):
         if not p.exists():
             raise EvaluationError(f"{p}: no such file or directory")
-    pairs = _pairs(pred, truth)
+    preds, truths = _sources(pred), _sources(truth)
+    if pred.is_file() and truth.is_file() and len(preds) == len(truths) == 1:
+        pairs = [(truth.stem, next(iter(preds.values())), next(iter(truths.values())))]
+    else:
+        common = sorted(preds.keys() & truths.keys())
+        if not common:
+            raise EvaluationError(
+                f"no image is on both sides: {len(preds)} predictions, {len(truths)} ground truths, "
+                "no file stem in common"
+            )
+        pairs = [(name, preds[name], truths[name]) for name in common]
     rows = []
-    for name, p_src, t_src in pairs:
-        t_labels = _load(t_src, shape)
-        p_labels = _load(p_src, t_labels.instances.shape)
+    for name, load_pred, load_truth in pairs:
+        t_labels = load_truth(shape)
+        p_labels = load_pred(t_labels.instances.shape)
         rows.append(evaluate_pair(p_labels, t_labels, iou_threshold=iou_threshold, crops=crops, name=name))
     return {"images": rows, "summary": summarize(rows, SUMMARY_KEYS), "iou_threshold": iou_threshold}
 
 
-def _load(source, shape) -> Labels:
-    if isinstance(source, tuple):  # (COCO file, its image entry): the entry knows the image size
-        _, entry = source
-        return _rasterized(entry.annotations, (entry.height, entry.width))
-    return load_labels(source, shape=shape)
+Loader = Callable[[tuple[int, int] | None], Labels]
 
 
-def _pairs(pred: Path, truth: Path) -> list[tuple[str, object, object]]:
-    """(name, prediction source, truth source) for every image present on both sides."""
-    if pred.is_file() and truth.is_file() and not _is_multi_coco(truth):
-        return [(truth.stem, pred, truth)]
-    preds = _by_stem(pred)
-    truths = _by_stem(truth)
-    common = sorted(preds.keys() & truths.keys())
-    if not common:
-        raise EvaluationError(
-            f"no image is on both sides: {len(preds)} predictions, {len(truths)} ground truths, no file stem in common"
-        )
-    return [(name, preds[name], truths[name]) for name in common]
-
-
-def _is_multi_coco(path: Path) -> bool:
-    if path.suffix.lower() != ".json":
-        return False
-    try:
-        return len(read_coco(path)) > 1
-    except AnnotationError:
-        return False
-
-
-def _by_stem(path: Path) -> dict[str, object]:
-    if path.is_file():
-        if _is_multi_coco(path):
-            return {Path(name).stem: (path, entry) for name, entry in read_coco(path).items()}
-        return {path.stem: path}
-    found = {}
-    for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix.lower() in ANNOTATION_SUFFIXES:
-            found[f.stem.removesuffix("_labels").removesuffix("_mask")] = f
+def _sources(path: Path) -> dict[str, Loader]:
+    """Image name -> a loader of its labels, reading each file once (a COCO file holds many images)."""
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    found: dict[str, Loader] = {}
+    for f in files:
+        if f.suffix.lower() not in ANNOTATION_SUFFIXES:
+            continue
+        if f.suffix.lower() == ".json":
+            data = load_json(f)
+            if is_coco(data):
+                for name, entry in coco_from_data(data, f).items():
+                    found[Path(name).stem] = partial(_coco_labels, entry)
+            else:
+                found[f.stem] = partial(_polygon_labels, geojson_from_data(data, f), f)
+            continue
+        found[f.stem.removesuffix("_labels").removesuffix("_mask")] = partial(load_labels, f)
     return found
+
+
+def _coco_labels(entry, _shape) -> Labels:
+    """A COCO image knows its own size."""
+    return _rasterized(entry.annotations, (entry.height, entry.width))
