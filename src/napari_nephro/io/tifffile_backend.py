@@ -119,7 +119,7 @@ class _Level:
 
     def segments(self, ty: int, tx: int) -> range:
         """Indices into the page's offsets of the segments that make tile (ty, tx)."""
-        if self._per_tile == 1 and self.keyframe.is_tiled:
+        if self.keyframe.is_tiled:
             return range(ty * self._tiles_across + tx, ty * self._tiles_across + tx + 1)
         first = ty * self._per_tile
         last = min(first + self._per_tile, math.ceil(self.shape[0] / self._rows))
