@@ -74,3 +74,13 @@ def write_pyramid(path: Path, levels: list[np.ndarray], layout: str, mpp: float 
         else:
             raise ValueError(layout)
     return path
+
+
+@pytest.fixture
+def notifications(monkeypatch) -> list[str]:
+    """The messages the napari readers show, captured instead of shown."""
+    import napari_nephro._reading as reading
+
+    shown: list[str] = []
+    monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
+    return shown

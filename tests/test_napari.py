@@ -39,11 +39,8 @@ def test_dicom_folder_opens_named_after_the_folder(make_napari_viewer):
     assert layer.name == folder.name and layer.data[0].shape == (2967, 2220, 3)
 
 
-def test_a_file_that_is_not_a_slide_is_one_notification_not_a_crash(make_napari_viewer, tmp_path, monkeypatch):
-    import napari_nephro._reading as reading
-
-    shown = []
-    monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
+def test_a_file_that_is_not_a_slide_is_one_notification_not_a_crash(make_napari_viewer, tmp_path, notifications):
+    shown = notifications
     viewer = make_napari_viewer()
     bad = tmp_path / "renamed.svs"
     bad.write_text("not a slide")

@@ -19,11 +19,8 @@ def test_geojson_opens_as_shapes_aligned_with_the_open_slide(make_napari_viewer)
     np.testing.assert_allclose(layer.scale, (0.499, 0.499))  # same scale as the slide layer
 
 
-def test_broken_annotation_file_is_one_notification(make_napari_viewer, tmp_path, monkeypatch):
-    import napari_nephro._reading as reading
-
-    shown = []
-    monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
+def test_broken_annotation_file_is_one_notification(make_napari_viewer, tmp_path, notifications):
+    shown = notifications
     viewer = make_napari_viewer()
     bad = tmp_path / "broken.geojson"
     bad.write_text("{oops")
