@@ -7,6 +7,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,7 +17,8 @@ from pathlib import Path
 from . import __version__
 from .annotations import AnnotationError
 from .io import SlideError, open_slide
-from .pipelines import EvaluationError
+from .pipelines import EvaluationError, ExportError
+from .pipelines.export import FORMATS, KEEP
 
 EXIT_USAGE = 2
 
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, EvaluationError, UserError) as exc:
+    except (SlideError, AnnotationError, EvaluationError, ExportError, UserError) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -55,8 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--iou", type=float, default=0.5, help="IoU at which two objects match (default 0.5)")
     ev.add_argument("--per-crop", action="store_true", help="also score each true object cut out with a 25%% margin")
     ev.add_argument("--shape", type=_shape, help="HEIGHT,WIDTH of the image when both sides are polygons")
+    ev.add_argument("--slide", help="the slide or image annotated: its size, when both sides are polygons")
     ev.add_argument("--json", action="store_true", help="print everything as JSON")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser(
+        "export",
+        help="convert annotations (GeoJSON, COCO, XML, label TIFF/PNG, OME-Zarr) or cut a training tile dataset",
+    )
+    ex.add_argument("input", help="annotation file, COCO file with many images, or a folder of annotation files")
+    ex.add_argument("--to", required=True, choices=list(FORMATS), help="output format")
+    ex.add_argument("--out", required=True, type=Path, help="output file, or folder for several images and for tiles")
+    ex.add_argument("--slide", help="the slide or image annotated, or a folder of images matched by file stem")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    tiles = ex.add_argument_group("tile datasets (--to tiles)")
+    tiles.add_argument("--tile", type=int, default=1024, help="tile size in pixels at --mpp (default 1024)")
+    tiles.add_argument("--overlap", type=int, default=256, help="overlap between tiles in pixels (default 256)")
+    tiles.add_argument("--mpp", type=float, help="micrometres per pixel of the tiles (default: the image's own)")
+    tiles.add_argument(
+        "--keep", choices=KEEP, default="tissue", help="which tiles: with tissue (default), with objects, or all"
+    )
+    tiles.add_argument(
+        "--values", choices=("class", "instance"), default="class", help="mask pixels hold class ids or object ids"
+    )
+    ex.set_defaults(func=cmd_export)
 
     demo = sub.add_parser(
         "demo", help="open napari with a slide (default: the synthetic sample) and the plugin's widgets"
@@ -82,12 +106,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not 0 < args.iou <= 1:
         raise UserError(f"--iou must be in (0, 1], not {args.iou}")
-    report = evaluate(args.pred, args.truth, iou_threshold=args.iou, crops=args.per_crop, shape=args.shape)
+    shape = args.shape
+    if shape is None and args.slide:
+        with open_slide(args.slide) as slide:
+            shape = slide.level_shapes[0]
+    report = evaluate(args.pred, args.truth, iou_threshold=args.iou, crops=args.per_crop, shape=shape)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(format_evaluation(report))
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipelines import export
+
+    with _progress_bar("export", "tile") as progress:
+        written = export(
+            args.input,
+            args.to,
+            args.out,
+            slide=args.slide,
+            overwrite=args.overwrite,
+            tile=args.tile,
+            overlap=args.overlap,
+            mpp=args.mpp,
+            keep=args.keep,
+            values=args.values,
+            progress=progress,
+        )
+    for path in written:
+        print(path)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str, unit: str):
+    """A tqdm bar on stderr fed by a (done, total) callback, the engine's progress protocol."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False, disable=None)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def format_evaluation(report: dict) -> str:

@@ -11,8 +11,11 @@ from ._json import is_coco, load_json
 from .coco import coco_from_data
 from .errors import AnnotationError
 from .geojson import geojson_from_data
+from .imagescope import read_xml_annotations
+from .labeltiff import read_label_tiff_info
 from .model import AnnotationSet
-from .raster import vectorize
+from .omezarr import read_label_zarr
+from .raster import vectorize, vectorize_tiled
 
 LABEL_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
 
@@ -55,15 +58,24 @@ def read_label_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def read_annotations(path: str | os.PathLike[str], *, repair: bool = True, image: str | None = None) -> AnnotationSet:
-    """Annotations from a GeoJSON file, one image of a COCO file, or a label image."""
+    """Annotations from GeoJSON, one image of a COCO file, ImageScope / ASAP XML, a label image or OME-Zarr labels."""
     path = Path(path)
     if not path.exists():
         raise AnnotationError(path, "no such file")
     suffix = path.suffix.lower()
     if suffix in LABEL_IMAGE_EXTENSIONS:
-        return vectorize(read_label_image(path))
+        classes, _ = read_label_tiff_info(path) if suffix in (".tif", ".tiff") else ({}, None)
+        return vectorize(read_label_image(path), classes=classes or None, class_names=_names(classes))
+    if suffix == ".zarr":
+        pyramid = read_label_zarr(path)
+        return vectorize_tiled(pyramid.levels[0], classes=pyramid.classes)
+    if suffix == ".xml":
+        return read_xml_annotations(path, repair=repair)
     if suffix not in (".json", ".geojson"):
-        raise AnnotationError(path, f"unknown annotation format {suffix!r} (GeoJSON, COCO .json, label .tif/.png)")
+        raise AnnotationError(
+            path,
+            f"unknown annotation format {suffix!r} (GeoJSON, COCO .json, ImageScope/ASAP .xml, label .tif/.png/.zarr)",
+        )
     data = load_json(path)
     if not is_coco(data):
         return geojson_from_data(data, path, repair=repair)
@@ -74,3 +86,7 @@ def read_annotations(path: str | os.PathLike[str], *, repair: bool = True, image
     if len(matches) != 1:
         raise AnnotationError(path, f"COCO file has {len(images)} images; name one with image=... (file name or stem)")
     return matches[0].annotations
+
+
+def _names(classes: dict[int, str]) -> list[str] | None:
+    return list(dict.fromkeys(classes.values())) or None

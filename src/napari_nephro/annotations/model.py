@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+import shapely
+from shapely import STRtree
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -50,6 +53,7 @@ class AnnotationSet:
             if a.label not in seen:
                 seen.append(a.label)
         self.classes = seen
+        self._index = None
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -69,6 +73,17 @@ class AnnotationSet:
 
     def counts(self) -> dict[str, int]:
         return {c: sum(a.label == c for a in self) for c in self.classes}
+
+    def indices_in(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Sorted positions of the objects whose bounding box meets the level-0 box.
+
+        A spatial index (built once) keeps cutting a whole slide into tiles linear in
+        the number of tiles, not tiles times objects.
+        """
+        if self._index is None or self._index[0] != len(self.annotations):
+            tree = STRtree([shapely.box(*a.bounds) for a in self.annotations])
+            self._index = (len(self.annotations), tree)
+        return np.sort(self._index[1].query(shapely.box(x0, y0, x1, y1)))
 
 
 def as_area(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:

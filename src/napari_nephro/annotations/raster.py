@@ -16,7 +16,7 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon as draw_polygon
 
-from .model import Annotation, AnnotationSet, as_area
+from .model import UNCLASSIFIED, Annotation, AnnotationSet, as_area
 
 
 def rasterize(
@@ -38,7 +38,9 @@ def rasterize(
     h, w = shape
     out = np.zeros((h, w), dtype)
     x0, y0 = origin
-    for index, ann in enumerate(annotations, start=1):
+    region = (x0, y0, x0 + w * downsample, y0 + h * downsample)
+    for position in annotations.indices_in(*region):
+        index, ann = int(position) + 1, annotations[int(position)]
         bx0, by0, bx1, by1 = ((b - o) / downsample - 0.5 for b, o in zip(ann.bounds, (x0, y0, x0, y0), strict=True))
         cx0, cy0 = max(0, int(np.floor(bx0))), max(0, int(np.floor(by0)))
         cx1, cy1 = min(w, int(np.ceil(bx1)) + 1), min(h, int(np.ceil(by1)) + 1)
@@ -96,8 +98,6 @@ def vectorize(
 
 
 def _class_of(index, crop, sl, classes, class_names) -> str:
-    from .model import UNCLASSIFIED
-
     if classes is None:
         return UNCLASSIFIED
     if isinstance(classes, np.ndarray):
@@ -130,3 +130,42 @@ def _mask_to_geometry(mask: np.ndarray, offset, downsample, origin) -> Polygon |
         x0, y0 = origin
         geometry = shapely.transform(geometry, lambda xy: xy * downsample + (x0, y0))
     return as_area(geometry)
+
+
+def vectorize_tiled(
+    labels,
+    *,
+    classes: Mapping[int, str] | None = None,
+    tile: int = 2048,
+    downsample: float = 1.0,
+    object_type: str = "annotation",
+) -> AnnotationSet:
+    """`vectorize` for label images too large for memory (a dask or zarr array), tile by tile.
+
+    Outlines follow pixel edges, so an object's pieces from neighbouring tiles share
+    edges exactly and their union is the object as `vectorize` would give it.
+    """
+    from collections import defaultdict
+
+    height, width = labels.shape
+    pieces: dict[int, list] = defaultdict(list)
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            block = labels[y : y + tile, x : x + tile]
+            block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+            ids, compact = np.unique(block, return_inverse=True)
+            if ids.size == 1 and ids[0] == 0:
+                continue
+            compact = compact.reshape(block.shape) + (0 if ids[0] == 0 else 1)
+            ids = ids if ids[0] == 0 else np.concatenate([[0], ids])
+            origin = (x * downsample, y * downsample)
+            for ann in vectorize(compact, downsample=downsample, origin=origin):
+                pieces[int(ids[ann.properties["id"]])].append(ann.geometry)
+    names = list(dict.fromkeys((classes or {}).values()))
+    found = []
+    for index in sorted(pieces):
+        geometry = as_area(shapely.union_all(pieces[index]).simplify(0))
+        if geometry is not None:
+            label = (classes or {}).get(index, UNCLASSIFIED)
+            found.append(Annotation(geometry, label, object_type, {"id": index}))
+    return AnnotationSet(found, classes=names or None)

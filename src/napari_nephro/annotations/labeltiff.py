@@ -1,0 +1,91 @@
+"""Label TIFFs: tiled, deflate-compressed, with a pyramid in SubIFDs and the classes in the description.
+
+Any TIFF reader sees a plain integer image (level 0 first); napari-nephro also reads
+back the class of each label value and the pixel size, which it writes as JSON under
+the "napari-nephro" key of the ImageDescription and as resolution tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ._write import check_target
+from .label_source import LabelSource, level_downsamples, level_shape, tiles
+
+DESCRIPTION_KEY = "napari-nephro"
+
+
+def write_label_tiff(
+    source: LabelSource,
+    path: str | os.PathLike[str],
+    *,
+    mpp: float | None = None,
+    tile: int = 512,
+    smallest: int = 512,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `source` tile by tile to a temporary file, renamed into place when complete."""
+    import tifffile
+
+    path = Path(path)
+    check_target(path, overwrite)
+    downsamples = level_downsamples(source.shape, smallest)
+    shapes = [level_shape(source.shape, d) for d in downsamples]
+    total = sum(len(list(tiles(s, tile))) for s in shapes)
+    done = 0
+
+    def level_tiles(d: int, shape: tuple[int, int]):
+        nonlocal done
+        for y, x, h, w in tiles(shape, tile):
+            yield source.tile(d, y, x, h, w)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    description = {DESCRIPTION_KEY: {"classes": {str(k): v for k, v in source.classes.items()}, "mpp": mpp}}
+    options = {"tile": (tile, tile), "compression": "zlib", "metadata": None, "dtype": source.dtype}
+    if mpp:
+        options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(source, shapes)) as tw:
+            tw.write(
+                level_tiles(1, shapes[0]),
+                shape=shapes[0],
+                description=json.dumps(description),
+                subifds=len(shapes) - 1,
+                **options,
+            )
+            for d, shape in zip(downsamples[1:], shapes[1:], strict=True):
+                if mpp:
+                    options.update(resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)))
+                tw.write(level_tiles(d, shape), shape=shape, subfiletype=1, **options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _needs_bigtiff(source: LabelSource, shapes) -> bool:
+    raw = sum(h * w for h, w in shapes) * source.dtype.itemsize
+    return raw > 2**31  # compressed it is usually far smaller, but a 4 GB overflow must never happen mid-write
+
+
+def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], float | None]:
+    """Classes (label value -> name) and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            description = tif.pages[0].description
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return {}, None
+    try:
+        info = json.loads(description)[DESCRIPTION_KEY]
+        return {int(k): str(v) for k, v in info.get("classes", {}).items()}, info.get("mpp")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}, None

@@ -1,0 +1,167 @@
+"""OME-Zarr (NGFF 0.4) multiscale label images: written tile by tile, read lazily.
+
+Written as zarr format 2 with NGFF 0.4 metadata, the version napari-ome-zarr,
+QuPath, Fiji/MoBIE and ome-zarr-py all read; reading also accepts NGFF 0.5 (zarr 3,
+metadata under "ome"). The class of each label value is kept the NGFF way, in
+`image-label.properties` ({"label-value": 3, "class": "global sclerosis"}), with
+its colour in `image-label.colors`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .colors import class_color
+from .errors import AnnotationError
+from .label_source import LabelSource, level_downsamples, level_shape, tiles
+
+NGFF_VERSION = "0.4"
+
+
+@dataclass
+class LabelPyramid:
+    """A multiscale label image: level 0 first, lazily read."""
+
+    levels: list  # dask arrays (height, width)
+    downsamples: list[float]
+    mpp: float | None = None
+    classes: dict[int, str] = field(default_factory=dict)
+    name: str = "labels"
+
+
+def write_label_zarr(
+    source: LabelSource,
+    path: str | os.PathLike[str],
+    *,
+    mpp: float | None = None,
+    name: str = "labels",
+    chunk: int = 1024,
+    smallest: int = 512,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `source` as an OME-Zarr label image, one chunk-sized tile at a time.
+
+    The store is built beside `path` under a temporary name and renamed into place
+    when complete, so an interrupted write never looks like a finished one.
+    """
+    import zarr
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise AnnotationError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
+    if not path.parent.exists():
+        raise AnnotationError(path, f"folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
+        downsamples = level_downsamples(source.shape, smallest)
+        shapes = [level_shape(source.shape, d) for d in downsamples]
+        total = sum(len(list(tiles(s, chunk))) for s in shapes)
+        done = 0
+        for level, (d, shape) in enumerate(zip(downsamples, shapes, strict=True)):
+            array = group.create_array(
+                str(level), shape=shape, chunks=(min(chunk, shape[0]), min(chunk, shape[1])), dtype=source.dtype
+            )
+            array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
+            for y, x, h, w in tiles(shape, chunk):
+                array[y : y + h, x : x + w] = source.tile(d, y, x, h, w)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        group.attrs.update(_metadata(name, downsamples, mpp, source.classes))
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _metadata(name: str, downsamples: list[int], mpp: float | None, classes: dict[int, str]) -> dict:
+    unit = {"unit": "micrometer"} if mpp else {}
+    step = mpp or 1.0
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [d * step, d * step]}]}
+        for i, d in enumerate(downsamples)
+    ]
+    multiscale = {
+        "version": NGFF_VERSION,
+        "name": name,
+        "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+        "datasets": datasets,
+        "type": "nearest",
+    }
+    image_label = {
+        "version": NGFF_VERSION,
+        "colors": [{"label-value": int(v), "rgba": [*class_color(c), 255]} for v, c in classes.items()],
+        "properties": [{"label-value": int(v), "class": c} for v, c in classes.items()],
+    }
+    return {"multiscales": [multiscale], "image-label": image_label}
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:
+    """A label pyramid from an OME-Zarr label image, or from an image whose `labels` group has exactly one."""
+    import dask.array as da
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise AnnotationError(path, "no such file or folder")
+    try:
+        group = zarr.open_group(store=str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a folder that is no store
+        raise AnnotationError(path, f"not a zarr store ({exc.__class__.__name__})") from None
+    attrs = _ngff(group.attrs.asdict())
+    if "multiscales" not in attrs and "labels" in group:
+        names = _ngff(group["labels"].attrs.asdict()).get("labels", [])
+        if len(names) != 1:
+            raise AnnotationError(path, f"holds {len(names)} label images ({', '.join(names)}); open one of them")
+        return read_label_zarr(path / "labels" / names[0])
+    if "multiscales" not in attrs:
+        raise AnnotationError(path, "not an OME-Zarr image: no 'multiscales' metadata")
+    multiscale = attrs["multiscales"][0]
+    levels, scales = [], []
+    for dataset in multiscale["datasets"]:
+        levels.append(da.from_zarr(group[dataset["path"]]))
+        scale = next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t["type"] == "scale"), None)
+        scales.append(float(scale[-1]) if scale else None)
+    if any(level.ndim != 2 for level in levels):
+        levels = [
+            level.reshape(level.shape[-2:]) if all(s == 1 for s in level.shape[:-2]) else level for level in levels
+        ]
+        if any(level.ndim != 2 for level in levels):
+            raise AnnotationError(path, f"a label image must be 2-D (y, x), not shape {levels[0].shape}")
+    if np.dtype(levels[0].dtype).kind not in "ui":
+        raise AnnotationError(path, f"label values must be integers, not {levels[0].dtype}")
+    if all(scales):
+        downsamples = [s / scales[0] for s in scales]
+    else:
+        downsamples = [levels[0].shape[-1] / level.shape[-1] for level in levels]
+    units = {a.get("unit") for a in multiscale.get("axes", [])[-2:]}
+    mpp = scales[0] if scales[0] and units == {"micrometer"} else None
+    properties = attrs.get("image-label", {}).get("properties", [])
+    classes = {int(p["label-value"]): str(p["class"]) for p in properties if "class" in p and "label-value" in p}
+    return LabelPyramid(levels, downsamples, mpp, classes, multiscale.get("name") or path.stem)
+
+
+def _ngff(attrs: dict) -> dict:
+    return attrs.get("ome", attrs)  # NGFF 0.5 nests everything under "ome"
