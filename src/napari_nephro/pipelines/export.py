@@ -46,6 +46,7 @@ FORMATS = {"geojson": ".geojson", "coco": ".json", "xml": ".xml", "tiff": ".tif"
 VECTOR_SUFFIXES = (".geojson", ".json", ".xml")
 KEEP = ("tissue", "objects", "all")
 MIN_TISSUE = 0.1
+LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask", "-labels", "-mask", "_annotations", "_gt")
 PNG_LEVEL = 1  # fast zlib: tiles are written once and read many times; level 6 costs 3x the time for ~10% size
 
 
@@ -64,6 +65,8 @@ class Item:
     shape: tuple[int, int] | None = None
     mpp: float | None = None
     image: Path | None = None
+    source: Path | None = None  # the annotation file
+    file_name: str | None = None  # as a COCO file named the image
 
     def vectors(self) -> AnnotationSet:
         if self.annotations is None:
@@ -101,6 +104,13 @@ def _is_annotation_file(path: Path) -> bool:
 
 
 def _items_of(path: Path) -> list[Item]:
+    items = _read_items(path)
+    for item in items:
+        item.source = path.resolve()
+    return items
+
+
+def _read_items(path: Path) -> list[Item]:
     suffix = path.suffix.lower()
     if suffix == ".zarr":
         pyramid = read_label_zarr(path)
@@ -121,7 +131,10 @@ def _items_of(path: Path) -> list[Item]:
         data = load_json(path)
         if is_coco(data):
             images = coco_from_data(data, path)
-            return [Item(im.stem, annotations=im.annotations, shape=(im.height, im.width)) for im in images.values()]
+            return [
+                Item(im.stem, annotations=im.annotations, shape=(im.height, im.width), file_name=im.file_name)
+                for im in images.values()
+            ]
     return [Item(path.stem, annotations=read_annotations(path))]
 
 
@@ -133,9 +146,10 @@ def _attach_images(items: list[Item], slide: Path) -> None:
             raise ExportError(f"{slide}: one slide for {len(items)} images; give a folder of images named by stem")
         items[0].image = slide
     else:
-        images = {p.stem: p for p in slide.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS}
+        files = [p for p in slide.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS]
         for item in items:
-            item.image = images.get(item.name)
+            images = {p.stem: p for p in files if p.resolve() != item.source}  # a label TIFF is not its own image
+            item.image = images.get(item.name) or images.get(_image_stem(item.name))
         missing = [i.name for i in items if i.image is None]
         if len(missing) == len(items):
             raise ExportError(f"{slide}: no image here has the stem of an annotated image (e.g. {missing[0]!r})")
@@ -145,6 +159,14 @@ def _attach_images(items: list[Item], slide: Path) -> None:
                 _check_size(item, opened)
                 item.shape = opened.level_shapes[0]
                 item.mpp = opened.mpp or item.mpp
+
+
+def _image_stem(name: str) -> str:
+    """`image01_labels` -> `image01`: how label files are usually named after their image."""
+    for suffix in LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -232,7 +254,7 @@ def _write_coco(items: list[Item], out: Path, overwrite: bool) -> Path:
     for item in items:
         if item.shape is None:
             raise ExportError(f"{item.name}: COCO records each image's size: give --slide")
-        file_name = item.image.name if item.image is not None else f"{item.name}.png"
+        file_name = item.file_name or (item.image.name if item.image is not None else f"{item.name}.png")
         images[file_name] = (item.vectors(), item.shape)
     return write_coco(images, out, overwrite=overwrite)
 
