@@ -13,8 +13,10 @@ import numpy as np
 from ._reading import LayerData, as_paths, notify, read_each
 from .annotations import AnnotationError, AnnotationSet, read_annotations
 from .annotations.colors import class_color
+from .annotations.labeltiff import is_label_tiff, read_label_tiff_pyramid
+from .annotations.omezarr import LabelPyramid, read_label_zarr
 
-VECTOR_SUFFIXES = (".geojson", ".json")
+VECTOR_SUFFIXES = (".geojson", ".json", ".xml")
 
 
 def get_annotation_reader(path: str | list[str]):
@@ -56,6 +58,46 @@ def shapes_layer_data(annotations: AnnotationSet, name: str, scale=None) -> Laye
     if scale is not None:
         kwargs.update(scale=scale[0], units=scale[1])
     return (data, kwargs, "shapes")
+
+
+def get_labels_reader(path: str | list[str]):
+    """Claim OME-Zarr label images and label TIFFs written by napari-nephro."""
+    paths = as_paths(path)
+    if not paths or not all(_is_labels(p) for p in paths):
+        return None
+    return read_label_files
+
+
+def _is_labels(path) -> bool:
+    path = Path(path)
+    if path.suffix.lower() == ".zarr":
+        return path.is_dir()
+    return is_label_tiff(path)
+
+
+def read_label_files(path: str | list[str]) -> list[LayerData]:
+    return read_each(path, _read_labels, (AnnotationError,))
+
+
+def _read_labels(path) -> list[LayerData]:
+    path = Path(path)
+    pyramid = read_label_zarr(path) if path.suffix.lower() == ".zarr" else read_label_tiff_pyramid(path)
+    return [labels_layer_data(pyramid, path.name, _slide_scale())]
+
+
+def labels_layer_data(pyramid: LabelPyramid, name: str, slide_scale=None) -> LayerData:
+    """A (multiscale) Labels layer: in micrometres when the file knows its pixel size, else on the slide's scale."""
+    kwargs = {"name": name, "metadata": {"classes": pyramid.classes}}
+    if pyramid.mpp is not None:
+        kwargs.update(scale=(pyramid.mpp, pyramid.mpp), units=("um", "um"))
+    elif slide_scale is not None:
+        kwargs.update(scale=slide_scale[0], units=slide_scale[1])
+    if pyramid.classes:
+        values = sorted(pyramid.classes)
+        kwargs["features"] = {"index": values, "class": [pyramid.classes[v] for v in values]}
+    data = pyramid.levels if len(pyramid.levels) > 1 else pyramid.levels[0]
+    kwargs["multiscale"] = len(pyramid.levels) > 1
+    return (data, kwargs, "labels")
 
 
 def _slide_scale():

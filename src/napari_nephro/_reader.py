@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._reading import LayerData, as_paths, read_each
+from .annotations.labeltiff import is_label_tiff
 from .io import SlideError, can_open, open_slide
 from .layers import slide_layer_data
 
@@ -12,7 +13,7 @@ from .layers import slide_layer_data
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """Claim slide files and DICOM/MIRAX folders; return None for anything else."""
     paths = as_paths(path)
-    if not paths or not all(can_open(p) for p in paths):
+    if not paths or not all(can_open(p) for p in paths) or any(is_label_tiff(p) for p in paths):
         return None
     return read_slides
 

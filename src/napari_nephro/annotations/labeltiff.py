@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._write import check_target
+from .errors import AnnotationError
 from .label_source import LabelSource, level_downsamples, level_shape, tiles
 
 DESCRIPTION_KEY = "napari-nephro"
@@ -75,17 +76,50 @@ def _needs_bigtiff(source: LabelSource, shapes) -> bool:
     return raw > 2**31  # compressed it is usually far smaller, but a 4 GB overflow must never happen mid-write
 
 
-def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], float | None]:
-    """Classes (label value -> name) and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
+def is_label_tiff(path: str | os.PathLike[str]) -> bool:
+    """Whether `write_label_tiff` wrote this file (so it holds labels, not a slide)."""
+    return _description_info(path) is not None
+
+
+def _description_info(path) -> dict | None:
     import tifffile
 
+    if Path(path).suffix.lower() not in (".tif", ".tiff") or not Path(path).is_file():
+        return None
     try:
         with tifffile.TiffFile(path) as tif:
-            description = tif.pages[0].description
-    except (tifffile.TiffFileError, OSError, ValueError):
+            info = json.loads(tif.pages[0].description)[DESCRIPTION_KEY]
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], float | None]:
+    """Classes (label value -> name) and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
+    info = _description_info(path)
+    if info is None:
         return {}, None
     try:
-        info = json.loads(description)[DESCRIPTION_KEY]
         return {int(k): str(v) for k, v in info.get("classes", {}).items()}, info.get("mpp")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, AttributeError):
         return {}, None
+
+
+def read_label_tiff_pyramid(path: str | os.PathLike[str]):
+    """The levels of a label TIFF as lazy dask arrays, with its classes and pixel size."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from .omezarr import LabelPyramid
+
+    classes, mpp = read_label_tiff_info(path)
+    try:
+        store = tifffile.imread(path, aszarr=True)
+        group = zarr.open(store, mode="r")
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        raise AnnotationError(path, f"not a readable label TIFF ({exc})") from None
+    arrays = [group] if isinstance(group, zarr.Array) else [group[k] for k in sorted(group.array_keys(), key=int)]
+    levels = [da.from_zarr(a) for a in arrays]
+    downsamples = [levels[0].shape[-1] / level.shape[-1] for level in levels]
+    return LabelPyramid(levels, downsamples, mpp, classes, Path(path).stem)
