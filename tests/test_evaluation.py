@@ -145,3 +145,24 @@ def test_summary_mean_and_std_skip_undefined():
     s = summarize([{"dice": 0.5}, {"dice": 0.7}, {"dice": None}], keys=["dice"])
     assert s["dice"]["mean"] == pytest.approx(0.6) and s["dice"]["n"] == 2
     assert s["dice"]["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_matching_agrees_with_stardist_on_real_nuclei(threshold):
+    """stardist.matching (an independent implementation) gives the same counts and scores."""
+    from scipy import ndimage
+    from stardist.matching import matching
+
+    from conftest import require_shared
+    from napari_nephro.annotations import read_label_image
+
+    truth = read_label_image(require_shared("nuclei", "miccai2015_tcga", "image03_labels.tif")).astype(np.int32)
+    pred = ndimage.grey_erosion(np.roll(truth, (2, -1), axis=(0, 1)), size=3)
+    pred[:40, :40] = 0  # some misses
+    ref = matching(truth, pred, thresh=threshold)
+    ours = match_instances(pred, truth, threshold)
+    assert (ours.tp, ours.fp, ours.fn) == (ref.tp, ref.fp, ref.fn) and ref.tp >= 20
+    assert ours.precision == pytest.approx(ref.precision) and ours.recall == pytest.approx(ref.recall)
+    assert ours.f1 == pytest.approx(ref.f1)
+    assert ours.mean_matched_iou == pytest.approx(ref.mean_matched_score)
+    assert ours.panoptic_quality == pytest.approx(ref.panoptic_quality)

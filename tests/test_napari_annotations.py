@@ -74,3 +74,41 @@ def test_compare_refuses_layers_of_different_shapes(compare):
     widget.compare_button.click()
     assert "differ in shape" in widget.summary.text()
     assert not any(layer.name.startswith("TP/FP/FN") for layer in viewer.layers)
+
+
+def test_compare_saves_the_table_without_replacing_a_file_unasked(compare, tmp_path):
+    _, widget, _, _ = compare
+    widget.compare_button.click()
+    target = tmp_path / "objects.csv"
+    assert widget.save_csv(target)
+    assert target.read_bytes() == widget.csv_text().encode() and len(target.read_text().splitlines()) == 1 + len(
+        widget.rows
+    )
+    target.write_text("mine")
+    assert not widget.save_csv(target)
+    assert target.read_text() == "mine" and "already exists" in widget.summary.text()
+
+
+def test_compare_whole_slide_layers_at_a_coarser_level(make_napari_viewer, monkeypatch):
+    import napari_nephro.widgets.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "MAX_PIXELS", 64 * 64)  # a "whole slide" of 128 x 128
+    truth = np.zeros((128, 128), np.uint8)
+    truth[16:48, 16:48] = 1
+    truth[80:112, 80:120] = 2
+    pred = np.zeros_like(truth)
+    pred[16:48, 20:52] = 3
+    viewer = make_napari_viewer()
+    viewer.add_labels([pred, pred[::2, ::2]], name="prediction", multiscale=True, scale=(0.5, 0.5))
+    viewer.add_labels(truth, name="truth", scale=(0.5, 0.5))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nephro", "Compare")
+    widget.pred_combo.setCurrentText("prediction")
+    widget.truth_combo.setCurrentText("truth")
+    widget.compare_button.click()
+    assert "1/2 resolution" in widget.summary.text() and "TP 1, FP 0, FN 1" in widget.summary.text()
+    layer = viewer.layers["TP/FP/FN: prediction vs truth"]
+    assert layer.data.shape == (64, 64)
+    np.testing.assert_allclose(layer.scale, (1.0, 1.0))  # lies on the slide where the objects are
+    fn_row = next(i for i, r in enumerate(widget.rows) if r["outcome"] == "FN")
+    widget.jump_to_row(fn_row)
+    np.testing.assert_allclose(compare_module._camera(viewer).center[-2:], (95.0 * 0.5, 99.0 * 0.5), atol=0.6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,6 +16,7 @@ from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -26,12 +28,15 @@ from qtpy.QtWidgets import (
 )
 from scipy import ndimage
 
+from ..annotations import AnnotationError
+from ..annotations._write import atomic_write_bytes
 from ..evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
 from ..evaluation.tpfpfn import TPFPFN_COLORS
 
 if TYPE_CHECKING:
     import napari
 
+MAX_PIXELS = 2**26  # 64 MP: instance matching holds a few copies of the labels in memory
 TABLE_COLUMNS = ("side", "id", "class", "area_px", "area_um2", "matched_id", "iou", "outcome")
 
 
@@ -50,8 +55,10 @@ class CompareWidget(QWidget):
         self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
         self.table.verticalHeader().setVisible(False)
         self.copy_button = QPushButton("Copy table as CSV")
+        self.save_button = QPushButton("Save CSV…")
         self.rows: list[dict] = []
         self.result_layer = None
+        self.downsample = 1
 
         form = QFormLayout()
         form.addRow("Prediction", self.pred_combo)
@@ -60,6 +67,7 @@ class CompareWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.compare_button)
         buttons.addWidget(self.copy_button)
+        buttons.addWidget(self.save_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -68,6 +76,7 @@ class CompareWidget(QWidget):
 
         self.compare_button.clicked.connect(self.compare)
         self.copy_button.clicked.connect(self.copy_csv)
+        self.save_button.clicked.connect(self._ask_save_csv)
         self.table.cellClicked.connect(self.jump_to_row)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
@@ -102,20 +111,29 @@ class CompareWidget(QWidget):
         if pred_layer is None or truth_layer is None:
             self.summary.setText("Choose a prediction and a ground-truth Labels layer.")
             return
-        pred, truth = _level0(pred_layer), _level0(truth_layer)
-        if pred.shape != truth.shape:
+        shapes = (_level0_shape(pred_layer), _level0_shape(truth_layer))
+        if shapes[0] != shapes[1]:
             self.summary.setText(
-                f"The layers differ in shape ({pred.shape} vs {truth.shape}): they must cover the same image."
+                f"The layers differ in shape ({shapes[0]} vs {shapes[1]}): they must cover the same image."
             )
             return
+        self.downsample = _downsample_for(shapes[1])
+        pred, truth = _comparable(pred_layer, self.downsample), _comparable(truth_layer, self.downsample)
         pixel = pixel_scores(pred, truth)
         result = match_instances(pred, truth, self.iou_spin.value())
-        mpp = float(truth_layer.scale[-1]) if str(truth_layer.units[-1]) == "micrometer" else None
+        mpp = float(truth_layer.scale[-1]) * self.downsample if str(truth_layer.units[-1]) == "micrometer" else None
         self.rows = object_table(result, truth, pred, mpp=mpp)
         self._show_table()
         self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer)
+        note = (
+            f"Computed at 1/{self.downsample} resolution: the layers are too large to compare whole in memory; "
+            "`nephro evaluate` scores full resolution.  |  "
+            if self.downsample > 1
+            else ""
+        )
         self.summary.setText(
-            f"Dice {_fmt(pixel.dice)}  IoU {_fmt(pixel.iou)}  |  objects: {result.n_true} true, {result.n_pred} predicted, "
+            note
+            + f"Dice {_fmt(pixel.dice)}  IoU {_fmt(pixel.iou)}  |  objects: {result.n_true} true, {result.n_pred} predicted, "
             f"TP {result.tp}, FP {result.fp}, FN {result.fn}  |  precision {_fmt(result.precision)}, "
             f"recall {_fmt(result.recall)}, F1 {_fmt(result.f1)}, PQ {_fmt(result.panoptic_quality)}"
         )
@@ -133,7 +151,7 @@ class CompareWidget(QWidget):
             name=name,
             colormap=DirectLabelColormap(color_dict=colors),
             opacity=0.6,
-            scale=truth_layer.scale,
+            scale=tuple(np.asarray(truth_layer.scale) * self.downsample),
             translate=truth_layer.translate,
             units=truth_layer.units,
         )
@@ -156,6 +174,20 @@ class CompareWidget(QWidget):
     def copy_csv(self) -> None:
         QApplication.clipboard().setText(self.csv_text())
 
+    def save_csv(self, path: str | Path, *, overwrite: bool = False) -> bool:
+        """Write the table; an existing file is kept unless `overwrite` (the Save dialog asks first)."""
+        try:
+            atomic_write_bytes(path, self.csv_text().encode(), overwrite=overwrite)
+        except AnnotationError as exc:
+            self.summary.setText(f"Not saved: {exc}")
+            return False
+        return True
+
+    def _ask_save_csv(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the object table", "objects.csv", "CSV (*.csv)")
+        if path:
+            self.save_csv(path, overwrite=True)  # the dialog has asked before replacing a file
+
     def jump_to_row(self, row: int, _column: int = 0) -> None:
         """Centre the view on the object of a table row."""
         entry = self.rows[row]
@@ -164,8 +196,8 @@ class CompareWidget(QWidget):
         )
         if layer is None:
             return
-        data = _level0(layer)
-        centre = ndimage.center_of_mass(data == entry["id"])
+        data = _comparable(layer, self.downsample)
+        centre = np.asarray(ndimage.center_of_mass(data == entry["id"])) * self.downsample
         world = np.asarray(layer.data_to_world(centre))
         _camera(self.viewer).center = tuple(world)
         self.viewer.layers.selection.active = layer
@@ -177,9 +209,28 @@ def _camera(viewer):
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
-def _level0(layer) -> np.ndarray:
-    data = layer.data[0] if layer.multiscale else layer.data
-    return np.asarray(data)
+def _level0_shape(layer) -> tuple[int, ...]:
+    return tuple((layer.data[0] if layer.multiscale else layer.data).shape)
+
+
+def _downsample_for(shape: tuple[int, ...]) -> int:
+    """1, or the power of two that brings the image under MAX_PIXELS (a whole-slide layer)."""
+    d = 1
+    while np.prod(shape) / (d * d) > MAX_PIXELS:
+        d *= 2
+    return d
+
+
+def _comparable(layer, downsample: int) -> np.ndarray:
+    """The labels at 1/downsample: a pyramid level when the layer has it, else every n-th pixel (lazily)."""
+    if layer.multiscale:
+        for level in layer.data:
+            if level.shape[-1] == -(-layer.data[0].shape[-1] // downsample):
+                return np.asarray(level)
+        data = layer.data[0]
+    else:
+        data = layer.data
+    return np.asarray(data[::downsample, ::downsample])
 
 
 def _fmt(value: float | None) -> str:
