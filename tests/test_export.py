@@ -246,3 +246,27 @@ def _single_image_coco(coco, file_name):
     data["images"] = [image]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] == image["id"]]
     return data
+
+
+def test_polygons_outside_the_image_are_refused_in_export_and_evaluate(tmp_path, capsys):
+    square = AnnotationSet([Annotation(__import__("shapely").box(5000, 5000, 5100, 5100), "normal")])
+    write_geojson(square, tmp_path / "far.geojson")
+    image = tmp_path / "far.png"
+    Image.new("RGB", (300, 200), "white").save(image)
+    err = _fails(capsys, tmp_path / "far.geojson", "--to", "tiff", "--out", tmp_path / "far.tif", "--slide", image)
+    assert "1 of 1 objects lie outside the 300x200 image" in err and not (tmp_path / "far.tif").exists()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "far.geojson"),
+                "--truth",
+                str(tmp_path / "far.geojson"),
+                "--slide",
+                str(image),
+            ]
+        )
+        == 2
+    )
+    assert "outside the 300x200 image" in capsys.readouterr().err

@@ -92,3 +92,25 @@ def as_area(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:
         return geometry if not geometry.is_empty and geometry.area > 0 else None
     parts = [g for g in getattr(geometry, "geoms", []) if isinstance(g, Polygon) and g.area > 0]
     return MultiPolygon(parts) if parts else None
+
+
+def require_inside(annotations: AnnotationSet, shape: tuple[int, int], where) -> None:
+    """Refuse objects lying wholly outside an image of `shape` (height, width): wrong image or wrong units.
+
+    Objects that only cross the edge are fine (they are clipped when drawn).
+    """
+    from .errors import AnnotationError
+
+    h, w = shape
+    outside = [
+        i
+        for i, a in enumerate(annotations)
+        if a.bounds[0] >= w or a.bounds[1] >= h or a.bounds[2] <= 0 or a.bounds[3] <= 0
+    ]
+    if outside:
+        x0, y0, _, _ = annotations[outside[0]].bounds
+        raise AnnotationError(
+            where,
+            f"{len(outside)} of {len(annotations)} objects lie outside the {w}x{h} image (object {outside[0] + 1} "
+            f"at x={x0:.0f}, y={y0:.0f}): is it the right image, in level-0 pixels?",
+        )

@@ -15,7 +15,7 @@ from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
-from ..annotations.model import UNCLASSIFIED
+from ..annotations.model import UNCLASSIFIED, require_inside
 from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", *LABEL_IMAGE_EXTENSIONS)
@@ -46,6 +46,7 @@ def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, in
         raise EvaluationError(
             f"{path}: polygons need an image size: give --shape HEIGHT,WIDTH or a label image on the other side"
         )
+    require_inside(annotations, shape, path)
     return _rasterized(annotations, shape)
 
 
@@ -143,4 +144,5 @@ def _sources(path: Path) -> dict[str, Loader]:
 
 def _coco_labels(entry, _shape) -> Labels:
     """A COCO image knows its own size."""
+    require_inside(entry.annotations, (entry.height, entry.width), entry.file_name)
     return _rasterized(entry.annotations, (entry.height, entry.width))

@@ -37,6 +37,7 @@ from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
 from ..annotations.labeltiff import read_label_tiff_info
+from ..annotations.model import require_inside
 from ..annotations.omezarr import read_label_zarr
 from ..annotations.raster import vectorize_tiled
 from ..io import SLIDE_EXTENSIONS, Slide, open_slide
@@ -95,6 +96,9 @@ def load_items(source: str | os.PathLike[str], slide: str | os.PathLike[str] | N
         raise ExportError(f"{source}: several images share a file stem; each output is named after it")
     if slide is not None:
         _attach_images(items, Path(slide))
+    for item in items:
+        if item.annotations is not None and item.shape is not None:
+            require_inside(item.annotations, item.shape, item.source)
     return items
 
 
