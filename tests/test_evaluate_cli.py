@@ -93,3 +93,27 @@ def test_evaluate_refusals_are_one_line(tmp_path, capsys, setup, reason):
     assert main(["evaluate", *args]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and reason in captured.err
+
+
+def test_ome_zarr_truth_with_classes_against_an_imagescope_prediction(tmp_path, capsys):
+    from shapely.geometry import box
+
+    from napari_nephro.annotations import (
+        Annotation,
+        AnnotationSet,
+        PolygonLabels,
+        write_imagescope_xml,
+        write_label_zarr,
+    )
+
+    truth = AnnotationSet(
+        [Annotation(box(10, 10, 50, 50), "normal"), Annotation(box(100, 100, 160, 140), "global sclerosis")]
+    )
+    write_label_zarr(PolygonLabels(truth, (200, 240)), tmp_path / "truth.zarr")
+    pred = AnnotationSet([Annotation(box(10, 10, 50, 60), "glomerulus")])  # finds the normal one, misses the other
+    write_imagescope_xml(pred, tmp_path / "pred.xml")
+    report = _json(capsys, "--pred", str(tmp_path / "pred.xml"), "--truth", str(tmp_path / "truth.zarr"))
+    (row,) = report["images"]
+    assert (row["tp"], row["fp"], row["fn"]) == (1, 0, 1)
+    assert row["per_class"]["normal"]["dice"] == pytest.approx(2 * 1600 / (1600 + 2000))
+    assert row["per_class"]["global sclerosis"]["dice"] == 0.0

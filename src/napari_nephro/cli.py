@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     ev = sub.add_parser("evaluate", help="compare predictions with ground truth: Dice, instance precision/recall/F1")
-    ev.add_argument("--pred", required=True, help="prediction: GeoJSON, COCO, label image, or a folder of them")
+    ev.add_argument("--pred", required=True, help="prediction: GeoJSON, COCO, XML, label image, OME-Zarr, or a folder")
     ev.add_argument("--truth", required=True, help="ground truth: same formats; folders are matched by file stem")
     ev.add_argument("--iou", type=float, default=0.5, help="IoU at which two objects match (default 0.5)")
     ev.add_argument("--per-crop", action="store_true", help="also score each true object cut out with a 25%% margin")

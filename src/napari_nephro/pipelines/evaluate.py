@@ -15,10 +15,12 @@ from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
+from ..annotations.labeltiff import read_label_tiff_info
 from ..annotations.model import UNCLASSIFIED, require_inside
+from ..annotations.omezarr import read_label_zarr
 from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
 
-ANNOTATION_SUFFIXES = (".geojson", ".json", *LABEL_IMAGE_EXTENSIONS)
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".zarr", *LABEL_IMAGE_EXTENSIONS)
 SUMMARY_KEYS = ("dice", "iou", "precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
 
 
@@ -35,10 +37,26 @@ class Labels:
 
 def load_labels(path: Path, shape: tuple[int, int] | None = None) -> Labels:
     """Instance (and class) rasters from any annotation file; vector files need `shape`."""
-    if path.suffix.lower() in LABEL_IMAGE_EXTENSIONS:
-        instances = read_label_image(path)
-        return Labels(instances, None, [])
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        pyramid = read_label_zarr(path)
+        return _with_classes(np.asarray(pyramid.levels[0]).astype(np.uint32), pyramid.classes)
+    if suffix in LABEL_IMAGE_EXTENSIONS:
+        classes, _ = read_label_tiff_info(path) if suffix in (".tif", ".tiff") else ({}, None)
+        return _with_classes(read_label_image(path), classes)
     return _polygon_labels(read_annotations(path), path, shape)
+
+
+def _with_classes(instances: np.ndarray, classes: dict[int, str]) -> Labels:
+    """Instance labels and, when the file names each value's class, the class raster."""
+    named = {v: c for v, c in classes.items() if c != UNCLASSIFIED}
+    if not named:
+        return Labels(instances, None, [])
+    names = list(dict.fromkeys(named.values()))
+    lut = np.zeros(max(int(instances.max()), max(named)) + 1, np.uint16)
+    for value, name in named.items():
+        lut[value] = names.index(name) + 1
+    return Labels(instances, lut[instances], names)
 
 
 def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, int] | None) -> Labels:
@@ -102,7 +120,7 @@ def evaluate(
         if not p.exists():
             raise EvaluationError(f"{p}: no such file or directory")
     preds, truths = _sources(pred), _sources(truth)
-    if pred.is_file() and truth.is_file() and len(preds) == len(truths) == 1:
+    if _single(pred) and _single(truth) and len(preds) == len(truths) == 1:
         pairs = [(truth.stem, next(iter(preds.values())), next(iter(truths.values())))]
     else:
         common = sorted(preds.keys() & truths.keys())
@@ -120,12 +138,19 @@ def evaluate(
     return {"images": rows, "summary": summarize(rows, SUMMARY_KEYS), "iou_threshold": iou_threshold}
 
 
+def _single(path: Path) -> bool:
+    return path.is_file() or path.suffix.lower() == ".zarr"
+
+
 Loader = Callable[[tuple[int, int] | None], Labels]
 
 
 def _sources(path: Path) -> dict[str, Loader]:
     """Image name -> a loader of its labels, reading each file once (a COCO file holds many images)."""
-    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    if path.is_file() or path.suffix.lower() == ".zarr":
+        files = [path]
+    else:
+        files = sorted(f for f in path.iterdir() if f.is_file() or f.suffix.lower() == ".zarr")
     found: dict[str, Loader] = {}
     for f in files:
         if f.suffix.lower() not in ANNOTATION_SUFFIXES:
