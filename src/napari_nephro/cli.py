@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .annotations import AnnotationError
 from .io import SlideError, open_slide
+from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, EvaluationError, ExportError, UserError) as exc:
+    except (SlideError, AnnotationError, EvaluationError, ExportError, ModelError, UserError) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -82,6 +83,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(func=cmd_export)
 
+    model = sub.add_parser("model", help="make and inspect model checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    init = model_sub.add_parser("init", help="write a checkpoint folder with fresh weights (to try the pipeline)")
+    init.add_argument("--arch", required=True, choices=ARCHITECTURES, help="network architecture")
+    init.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
+    init.add_argument("--classes", nargs="+", default=["glomerulus"], help="class names (default: glomerulus)")
+    init.add_argument("--encoder", help="smp / timm encoder name (default per architecture)")
+    init.add_argument("--mpp", type=float, default=1.0, help="micrometres per pixel of the tiles (default 1.0)")
+    init.add_argument("--tile", type=int, default=1024, help="tile size at --mpp (default 1024)")
+    init.add_argument("--overlap", type=int, default=256, help="tile overlap (default 256)")
+    init.add_argument("--input", type=int, default=320, help="network input size (default 320)")
+    init.add_argument("--seed", type=int, default=0, help="random seed of the fresh weights")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    init.set_defaults(func=cmd_model_init)
+
     demo = sub.add_parser(
         "demo", help="open napari with a slide (default: the synthetic sample) and the plugin's widgets"
     )
@@ -115,6 +131,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_evaluation(report))
+    return 0
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import ModelConfig, build_network, save_checkpoint
+
+    config = ModelConfig(
+        arch=args.arch,
+        classes=args.classes,
+        encoder=args.encoder,
+        mpp=args.mpp,
+        tile_size=args.tile,
+        overlap=args.overlap,
+        input_size=args.input,
+        provenance={
+            "made_by": f"nephro model init (napari-nephro {__version__})",
+            "weights": f"random, seed {args.seed}",
+        },
+    )
+    torch.manual_seed(args.seed)
+    network = build_network(config)
+    print(save_checkpoint(network, config, args.out, overwrite=args.overwrite))
     return 0
 
 

@@ -1,0 +1,79 @@
+"""Checkpoint folders: `config.json` + `model.safetensors`, loaded without unpickling anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+from .networks import build_network
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_checkpoint(
+    network: nn.Module, config: ModelConfig, folder: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write the folder under a temporary name and rename it into place: never half a checkpoint."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ModelError(f"{folder}: already exists; pass --overwrite to replace it")
+    if not folder.parent.exists():
+        raise ModelError(f"{folder}: folder {folder.parent} does not exist")
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"arch": config.arch})
+        (tmp / CONFIG).write_text(config.to_json())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(
+    folder: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[nn.Module, ModelConfig]:
+    """The network (in eval mode, on `device`) and its config; a wrong or incomplete folder is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: no such checkpoint folder (it holds {CONFIG} and {WEIGHTS})")
+    config = ModelConfig.from_file(folder / CONFIG)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{folder}: no {WEIGHTS} beside {CONFIG}")
+    network = build_network(config)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{weights}: not a readable safetensors file ({exc})") from None
+    missing, unexpected = _compare(network.state_dict(), state)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise ModelError(
+            f"{folder}: the weights do not fit a {config.arch} with encoder {config.encoder} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. {example})"
+        )
+    network.load_state_dict(state)
+    return network.to(device).eval(), config
+
+
+def _compare(expected: dict, found: dict) -> tuple[list[str], list[str]]:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected or tuple(found[k].shape) != tuple(expected[k].shape)]
+    return missing, unexpected

@@ -1,0 +1,73 @@
+"""The `Segmenter` protocol the tiled engine talks to, and its PyTorch implementation for our checkpoints."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .device import pick_device
+
+
+class Segmenter(Protocol):
+    """What the engine needs to know of a model, whatever its library."""
+
+    kind: Literal["semantic", "instance"]
+    classes: list[str]
+    mpp: float  # micrometres per pixel the model expects its tiles at
+    tile_size: int  # tile side at `mpp`
+    input_size: int  # network input side (tiles are resized to it)
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, tile, tile, 3) uint8 RGB -> (N, C, tile, tile) float32 probabilities."""
+        ...
+
+
+class TorchSegmenter:
+    """A U-Net-family network and its config: resize, normalise, infer, give probabilities back at tile size.
+
+    One class gives one sigmoid channel (foreground); several give softmax channels
+    (background first, then the classes in config order).
+    """
+
+    kind: Literal["semantic"] = "semantic"
+
+    def __init__(self, network: nn.Module, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        self.network, self.config, self.device = network.eval(), config, torch.device(device)
+        self.network.to(self.device)
+        self.classes, self.mpp = list(config.classes), config.mpp
+        self.tile_size, self.input_size = config.tile_size, config.input_size
+        norm = config.normalization
+        self._mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self._std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike[str], device: str = "auto") -> TorchSegmenter:
+        target = pick_device(device)
+        network, config = load_checkpoint(folder, target)
+        return cls(network, config, target)
+
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be (N, H, W, 3) RGB, not {tiles.shape}")
+        size = tiles.shape[1:3]
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        if size != (self.input_size, self.input_size):
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+            )
+        x = (x - self._mean) / self._std
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            logits = self.network(x)
+        logits = logits.float()
+        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        if probs.shape[-2:] != size:
+            probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        return probs.cpu().numpy()
