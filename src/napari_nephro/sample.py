@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_output
+
 SAMPLE_VERSION = 1
 SAMPLE_MPP = 0.5  # micrometres per pixel at level 0 (a 20x scan)
 SAMPLE_SHAPE = (4096, 6144)  # level 0 (height, width): 2 x 3 mm
@@ -44,7 +46,6 @@ def write_sample_slide(path: Path, shape: tuple[int, int] = SAMPLE_SHAPE, seed: 
 
     image = synthetic_he(shape, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     res = 1e4 / SAMPLE_MPP  # pixels per centimetre
     options = {
         "tile": (SAMPLE_TILE, SAMPLE_TILE),
@@ -53,26 +54,22 @@ def write_sample_slide(path: Path, shape: tuple[int, int] = SAMPLE_SHAPE, seed: 
         "photometric": "rgb",
         "resolutionunit": "CENTIMETER",
     }
-    try:
-        with tifffile.TiffWriter(tmp, ome=True) as tif:
-            meta = {
-                "Name": "synthetic kidney",
-                "axes": "YXS",
-                "PhysicalSizeX": SAMPLE_MPP,
-                "PhysicalSizeY": SAMPLE_MPP,
-                "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeYUnit": "µm",
-            }
-            tif.write(image, subifds=SAMPLE_LEVELS - 1, resolution=(res, res), metadata=meta, **options)
-            level = image
-            for i in range(1, SAMPLE_LEVELS):
-                level = _halve(level)
-                tif.write(level, subfiletype=1, resolution=(res / 2**i, res / 2**i), **options)
-            label = _label_image()
-            tif.write(label, photometric="rgb", metadata={"Name": "label", "axes": "YXS"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, ome=True) as tif:
+        meta = {
+            "Name": "synthetic kidney",
+            "axes": "YXS",
+            "PhysicalSizeX": SAMPLE_MPP,
+            "PhysicalSizeY": SAMPLE_MPP,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeYUnit": "µm",
+        }
+        tif.write(image, subifds=SAMPLE_LEVELS - 1, resolution=(res, res), metadata=meta, **options)
+        level = image
+        for i in range(1, SAMPLE_LEVELS):
+            level = _halve(level)
+            tif.write(level, subfiletype=1, resolution=(res / 2**i, res / 2**i), **options)
+        label = _label_image()
+        tif.write(label, photometric="rgb", metadata={"Name": "label", "axes": "YXS"})
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._atomic import atomic_output
 from .errors import AnnotationError
 
 
@@ -19,10 +20,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: 
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
     check_target(path, overwrite)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -8,6 +8,7 @@ nearest neighbour, the only resampling that keeps instance ids.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -62,6 +63,27 @@ class ArrayLabels:
         d = downsample
         block = self.array[y * d : (y + h) * d : d, x * d : (x + w) * d : d]
         return np.asarray(block.compute() if hasattr(block, "compute") else block)
+
+
+class Progress:
+    """Counts tiles written across all levels and reports (done, total) to an optional callback."""
+
+    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
+        self.done, self.total, self.callback = 0, total, callback
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def pyramid_plan(
+    shape: tuple[int, int], smallest: int, tile: int, callback: Callable[[int, int], None] | None = None
+) -> tuple[list[tuple[int, tuple[int, int]]], Progress]:
+    """The (downsample, level shape) of each level a writer makes, and a progress counter over their tiles."""
+    levels = [(d, level_shape(shape, d)) for d in level_downsamples(shape, smallest)]
+    total = sum(-(-h // tile) * -(-w // tile) for _, (h, w) in levels)
+    return levels, Progress(total, callback)
 
 
 def level_downsamples(shape: tuple[int, int], smallest: int = 512) -> list[int]:

@@ -12,9 +12,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .._atomic import atomic_output
 from ._write import check_target
 from .errors import AnnotationError
-from .label_source import LabelSource, level_downsamples, level_shape, tiles
+from .label_source import LabelSource, pyramid_plan, tiles
 
 DESCRIPTION_KEY = "napari-nephro"
 
@@ -34,45 +35,29 @@ def write_label_tiff(
 
     path = Path(path)
     check_target(path, overwrite)
-    downsamples = level_downsamples(source.shape, smallest)
-    shapes = [level_shape(source.shape, d) for d in downsamples]
-    total = sum(len(list(tiles(s, tile))) for s in shapes)
-    done = 0
+    levels, progress = pyramid_plan(source.shape, smallest, tile, progress)
 
     def level_tiles(d: int, shape: tuple[int, int]):
-        nonlocal done
         for y, x, h, w in tiles(shape, tile):
             yield source.tile(d, y, x, h, w)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            progress.tick()
 
     description = {DESCRIPTION_KEY: {"classes": {str(k): v for k, v in source.classes.items()}, "mpp": mpp}}
     options = {"tile": (tile, tile), "compression": "zlib", "metadata": None, "dtype": source.dtype}
-    if mpp:
-        options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(source, shapes)) as tw:
-            tw.write(
-                level_tiles(1, shapes[0]),
-                shape=shapes[0],
-                description=json.dumps(description),
-                subifds=len(shapes) - 1,
-                **options,
-            )
-            for d, shape in zip(downsamples[1:], shapes[1:], strict=True):
-                if mpp:
-                    options.update(resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)))
-                tw.write(level_tiles(d, shape), shape=shape, subfiletype=1, **options)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(source, levels)) as tw:
+        for index, (d, shape) in enumerate(levels):
+            if mpp:
+                options.update(resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")
+            if index == 0:
+                extra = {"description": json.dumps(description), "subifds": len(levels) - 1}
+            else:
+                extra = {"subfiletype": 1}
+            tw.write(level_tiles(d, shape), shape=shape, **options, **extra)
     return path
 
 
-def _needs_bigtiff(source: LabelSource, shapes) -> bool:
-    raw = sum(h * w for h, w in shapes) * source.dtype.itemsize
+def _needs_bigtiff(source: LabelSource, levels) -> bool:
+    raw = sum(h * w for _, (h, w) in levels) * source.dtype.itemsize
     return raw > 2**31  # compressed it is usually far smaller, but a 4 GB overflow must never happen mid-write
 
 

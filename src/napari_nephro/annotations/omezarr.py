@@ -10,16 +10,17 @@ its colour in `image-label.colors`.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_output
+from ._write import check_target
 from .colors import class_color
 from .errors import AnnotationError
-from .label_source import LabelSource, level_downsamples, level_shape, tiles
+from .label_source import LabelSource, pyramid_plan, tiles
 
 NGFF_VERSION = "0.4"
 
@@ -48,38 +49,25 @@ def write_label_zarr(
 ) -> Path:
     """Write `source` as an OME-Zarr label image, one chunk-sized tile at a time.
 
-    The store is built beside `path` under a temporary name and renamed into place
-    when complete, so an interrupted write never looks like a finished one.
+    The store is built under a temporary name and renamed into place when complete,
+    so an interrupted write never looks like a finished one.
     """
     import zarr
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise AnnotationError(path, "already exists; pass overwrite=True (--overwrite) to replace it")
-    if not path.parent.exists():
-        raise AnnotationError(path, f"folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    check_target(path, overwrite)
+    levels, progress = pyramid_plan(source.shape, smallest, chunk, progress)
+    with atomic_output(path) as tmp:
         group = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
-        downsamples = level_downsamples(source.shape, smallest)
-        shapes = [level_shape(source.shape, d) for d in downsamples]
-        total = sum(len(list(tiles(s, chunk))) for s in shapes)
-        done = 0
-        for level, (d, shape) in enumerate(zip(downsamples, shapes, strict=True)):
+        for index, (d, shape) in enumerate(levels):
             array = group.create_array(
-                str(level), shape=shape, chunks=(min(chunk, shape[0]), min(chunk, shape[1])), dtype=source.dtype
+                str(index), shape=shape, chunks=(min(chunk, shape[0]), min(chunk, shape[1])), dtype=source.dtype
             )
             array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
             for y, x, h, w in tiles(shape, chunk):
                 array[y : y + h, x : x + w] = source.tile(d, y, x, h, w)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        group.attrs.update(_metadata(name, downsamples, mpp, source.classes))
-        _replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                progress.tick()
+        group.attrs.update(_metadata(name, [d for d, _ in levels], mpp, source.classes))
     return path
 
 
@@ -103,19 +91,6 @@ def _metadata(name: str, downsamples: list[int], mpp: float | None, classes: dic
         "properties": [{"label-value": int(v), "class": c} for v, c in classes.items()],
     }
     return {"multiscales": [multiscale], "image-label": image_label}
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:

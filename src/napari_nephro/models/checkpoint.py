@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_output
 from .config import ModelConfig
 from .errors import ModelError
 from .networks import build_network
@@ -28,18 +28,11 @@ def save_checkpoint(
         raise ModelError(f"{folder}: already exists; pass --overwrite to replace it")
     if not folder.parent.exists():
         raise ModelError(f"{folder}: folder {folder.parent} does not exist")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(folder) as tmp:
         tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"arch": config.arch})
         (tmp / CONFIG).write_text(config.to_json())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

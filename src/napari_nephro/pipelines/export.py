@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._atomic import atomic_output
 from ..annotations import (
     AnnotationSet,
     ArrayLabels,
@@ -296,9 +296,7 @@ def export_tile_dataset(
     classes = list(dict.fromkeys(c for item in items for c in item.vectors().classes))
     plans = [(item, *_grid(item, tile, overlap, mpp)) for item in items]
     total, done = sum(len(grid) for _, grid, _ in plans), 0
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
         rows = []
@@ -313,11 +311,6 @@ def export_tile_dataset(
                     if progress is not None:
                         progress(done, total)
         _write_index(tmp, rows, classes, values, tile, overlap, mpp, items)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
