@@ -167,6 +167,9 @@ def test_tiled_vectorize_equals_whole_vectorize_on_objects_across_tiles():
     assert len(tiled) == len(whole)
     for a, b in zip(whole, tiled, strict=True):
         assert a.properties["id"] == b.properties["id"] and a.geometry.equals(b.geometry)
+    placed = vectorize_tiled(labels, tile=16, downsample=2, origin=(10, 20))  # a layer at half resolution, offset
+    for a, b in zip(vectorize(labels, downsample=2, origin=(10, 20)), placed, strict=True):
+        assert a.geometry.equals(b.geometry)
 
 
 def test_label_tiff_keeps_ids_classes_pixel_size_and_a_pyramid(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._reading import LayerData, as_paths, notify, read_each
+from ._reading import LayerData, as_paths, current_slide_layer, notify, read_each
 from .annotations import AnnotationError, AnnotationSet, read_annotations
 from .annotations.colors import class_color
 from .annotations.labeltiff import is_label_tiff, read_label_tiff_pyramid
@@ -102,15 +102,7 @@ def labels_layer_data(pyramid: LabelPyramid, name: str, slide_scale=None) -> Lay
 
 def _slide_scale():
     """The scale and units of the one slide layer in the current viewer, if there is exactly one."""
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:
+    layer = current_slide_layer()
+    if layer is None:
         return None
-    if viewer is None:
-        return None
-    slides = [layer for layer in viewer.layers if "slide" in layer.metadata]
-    if len(slides) != 1:
-        return None
-    return tuple(slides[0].scale), tuple(str(u) for u in slides[0].units)
+    return tuple(layer.scale), tuple(str(u) for u in layer.units)

@@ -35,3 +35,21 @@ def read_each(
         except errors as exc:
             notify(str(exc))
     return layers or [(None,)]  # type: ignore[list-item]
+
+
+def current_slide_layer():
+    """The one slide layer of the current napari viewer, or None when there is no viewer or not exactly one slide.
+
+    Annotation files are in level-0 pixels of "the slide": readers and writers use
+    this layer's scale and Slide to place them.
+    """
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no Qt, no viewer: reading and writing still work, unscaled
+        return None
+    if viewer is None:
+        return None
+    slides = [layer for layer in viewer.layers if "slide" in layer.metadata]
+    return slides[0] if len(slides) == 1 else None

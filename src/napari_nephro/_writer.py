@@ -7,7 +7,6 @@ its pixel size. A failed write is one notification line and leaves no file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from .annotations import (
     write_label_tiff,
     write_label_zarr,
 )
-from .layer_annotations import label_classes, labels_to_annotations, shapes_to_annotations, to_level0
+from .layer_annotations import finest_level, label_classes, labels_to_annotations, shapes_to_annotations, to_level0
 
 
 def write_labels_geojson(path: str, data: Any, meta: dict) -> list[str]:
@@ -37,7 +36,7 @@ def write_labels_coco(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def write_labels_xml(path: str, data: Any, meta: dict) -> list[str]:
-    return _guarded(path, lambda: write_imagescope_xml(_labels(data, meta), path, mpp=_slide_mpp(meta), overwrite=True))
+    return _guarded(path, lambda: write_imagescope_xml(_labels(data, meta), path, mpp=_slide_mpp(), overwrite=True))
 
 
 def write_labels_zarr(path: str, data: Any, meta: dict) -> list[str]:
@@ -61,7 +60,7 @@ def write_shapes_coco(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def write_shapes_xml(path: str, data: Any, meta: dict) -> list[str]:
-    return _guarded(path, lambda: write_imagescope_xml(_shapes(data, meta), path, mpp=_slide_mpp(meta), overwrite=True))
+    return _guarded(path, lambda: write_imagescope_xml(_shapes(data, meta), path, mpp=_slide_mpp(), overwrite=True))
 
 
 def write_shapes_zarr(path: str, data: Any, meta: dict) -> list[str]:
@@ -83,26 +82,26 @@ def _guarded(path: str, write) -> list[str]:
 
 
 def _labels(data, meta) -> AnnotationSet:
-    return labels_to_annotations(data, meta, _slide_mpp(meta))
+    return labels_to_annotations(data, meta, _slide_mpp())
 
 
 def _shapes(data, meta) -> AnnotationSet:
-    return shapes_to_annotations(data, meta, _slide_mpp(meta))
+    return shapes_to_annotations(data, meta, _slide_mpp())
 
 
 def _label_source(data, meta) -> ArrayLabels:
-    array = data[0] if isinstance(data, Sequence) else data
+    array = finest_level(data)
     return ArrayLabels(array, label_classes(meta))
 
 
 def _shapes_raster(writer, data, meta, path):
     found = _shapes(data, meta)
-    mpp = _slide_mpp(meta)
+    mpp = _slide_mpp()
     return writer(PolygonLabels(found, _image_shape(found)), path, mpp=mpp, overwrite=True)
 
 
 def _coco(found: AnnotationSet, path: str, meta: dict, shape: tuple[int, int]):
-    name = (meta.get("metadata") or {}).get("image_name") or _slide_name() or f"{meta.get('name', 'image')}.png"
+    name = _slide_name() or f"{meta.get('name', 'image')}.png"
     return write_coco({name: (found, shape)}, path, overwrite=True)
 
 
@@ -111,8 +110,8 @@ def _labels_shape(data, meta) -> tuple[int, int]:
     slide = _slide()
     if slide is not None:
         return tuple(slide.level_shapes[0])
-    array = data[0] if isinstance(data, Sequence) else data
-    downsample, (ox, oy) = to_level0(meta, _slide_mpp(meta))
+    array = finest_level(data)
+    downsample, (ox, oy) = to_level0(meta, _slide_mpp())
     return (int(np.ceil(array.shape[-2] * downsample + oy)), int(np.ceil(array.shape[-1] * downsample + ox)))
 
 
@@ -135,9 +134,9 @@ def _layer_mpp(meta) -> float | None:
     return None
 
 
-def _slide_mpp(meta) -> float | None:
+def _slide_mpp() -> float | None:
     slide = _slide()
-    return slide.mpp if slide is not None else (meta.get("metadata") or {}).get("slide_mpp")
+    return slide.mpp if slide is not None else None
 
 
 def _slide_name() -> str | None:
@@ -146,14 +145,6 @@ def _slide_name() -> str | None:
 
 
 def _slide():
-    """The one slide shown in the current viewer, if there is exactly one."""
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:
-        return None
-    if viewer is None:
-        return None
-    slides = [layer.metadata["slide"] for layer in viewer.layers if "slide" in layer.metadata]
-    return slides[0] if len(slides) == 1 else None
+    """The Slide of the one slide layer in the current viewer, if there is exactly one."""
+    layer = _reading.current_slide_layer()
+    return None if layer is None else layer.metadata["slide"]

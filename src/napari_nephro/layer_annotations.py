@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import shapely
 from shapely.geometry import Polygon
 
 from .annotations import Annotation, AnnotationSet, vectorize, vectorize_tiled
@@ -19,6 +20,11 @@ from .annotations.model import UNCLASSIFIED, as_area
 
 LARGE = 4096 * 4096  # label layers above this many pixels are vectorized tile by tile
 ELLIPSE_VERTICES = 64
+
+
+def finest_level(data):
+    """Level 0 of a multiscale layer's data, or the data itself."""
+    return data[0] if isinstance(data, Sequence) else data
 
 
 def to_level0(meta: dict[str, Any], slide_mpp: float | None) -> tuple[float, tuple[float, float]]:
@@ -42,28 +48,17 @@ def label_classes(meta: dict[str, Any]) -> dict[int, str]:
 
 def labels_to_annotations(data, meta: dict[str, Any], slide_mpp: float | None = None) -> AnnotationSet:
     """Every label value of a Labels layer (its finest level) as a polygon in level-0 pixels."""
-    array = data[0] if isinstance(data, Sequence) else data
+    array = finest_level(data)
     downsample, origin = to_level0(meta, slide_mpp)
     classes = label_classes(meta)
     if array.ndim != 2:
         raise ValueError(f"only 2-D label layers can be saved as polygons, this one has shape {array.shape}")
     if np.prod(array.shape) > LARGE or hasattr(array, "compute"):
-        found = vectorize_tiled(array, classes=classes, downsample=downsample)
-        if origin != (0.0, 0.0):
-            found = _shifted(found, origin)
-        return found
+        return vectorize_tiled(array, classes=classes, downsample=downsample, origin=origin)
     names = list(dict.fromkeys(classes.values())) or None
     return vectorize(
         np.asarray(array), classes=classes or None, downsample=downsample, origin=origin, class_names=names
     )
-
-
-def _shifted(found: AnnotationSet, origin: tuple[float, float]) -> AnnotationSet:
-    import shapely
-
-    for ann in found:
-        ann.geometry = shapely.transform(ann.geometry, lambda xy: xy + origin)
-    return found
 
 
 def shapes_to_annotations(data, meta: dict[str, Any], slide_mpp: float | None = None) -> AnnotationSet:
@@ -97,8 +92,6 @@ def shapes_to_annotations(data, meta: dict[str, Any], slide_mpp: float | None = 
         classes[key] = labels[i] or UNCLASSIFIED
     found = []
     for key, parts in groups.items():
-        import shapely
-
         geometry = as_area(shapely.union_all(parts)) if len(parts) > 1 else parts[0]
         found.append(Annotation(geometry, classes[key], "annotation"))
     known = (meta.get("metadata") or {}).get("classes")

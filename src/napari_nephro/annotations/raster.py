@@ -138,6 +138,7 @@ def vectorize_tiled(
     classes: Mapping[int, str] | None = None,
     tile: int = 2048,
     downsample: float = 1.0,
+    origin: tuple[float, float] = (0.0, 0.0),
     object_type: str = "annotation",
 ) -> AnnotationSet:
     """`vectorize` for label images too large for memory (a dask or zarr array), tile by tile.
@@ -158,8 +159,8 @@ def vectorize_tiled(
                 continue
             compact = compact.reshape(block.shape) + (0 if ids[0] == 0 else 1)
             ids = ids if ids[0] == 0 else np.concatenate([[0], ids])
-            origin = (x * downsample, y * downsample)
-            for ann in vectorize(compact, downsample=downsample, origin=origin):
+            corner = (origin[0] + x * downsample, origin[1] + y * downsample)
+            for ann in vectorize(compact, downsample=downsample, origin=corner):
                 pieces[int(ids[ann.properties["id"]])].append(ann.geometry)
     names = list(dict.fromkeys((classes or {}).values()))
     found = []
