@@ -8,7 +8,7 @@ from .coco import read_coco, write_coco
 from .errors import AnnotationError
 from .geojson import read_geojson, write_geojson
 from .imagescope import read_xml_annotations, write_imagescope_xml
-from .io import read_annotations, read_label_image
+from .io import LabelFile, read_annotations, read_label_file, read_label_image
 from .label_source import ArrayLabels, PolygonLabels
 from .labeltiff import write_label_tiff
 from .model import Annotation, AnnotationSet
@@ -20,12 +20,14 @@ __all__ = [
     "AnnotationError",
     "AnnotationSet",
     "ArrayLabels",
+    "LabelFile",
     "LabelPyramid",
     "PolygonLabels",
     "rasterize",
     "read_annotations",
     "read_coco",
     "read_geojson",
+    "read_label_file",
     "read_label_image",
     "read_label_zarr",
     "read_xml_annotations",

@@ -1,9 +1,11 @@
-"""Read any supported annotation file: GeoJSON, COCO (one image), or a label / mask image."""
+"""Read any supported annotation file: GeoJSON, COCO (one image), XML, a label / mask image, OME-Zarr labels."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +14,7 @@ from .coco import coco_from_data
 from .errors import AnnotationError
 from .geojson import geojson_from_data
 from .imagescope import read_xml_annotations
-from .labeltiff import read_label_tiff_info
+from .labeltiff import description_info
 from .model import AnnotationSet
 from .omezarr import read_label_zarr
 from .raster import vectorize, vectorize_tiled
@@ -20,28 +22,60 @@ from .raster import vectorize, vectorize_tiled
 LABEL_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
 
 
-def read_label_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """An instance label raster from a label image.
+@dataclass
+class LabelFile:
+    """A label image as read from disk: instance (or class) values, what each value is, the pixel size."""
 
-    Images with several foreground values are instance labels as they are. Masks
-    with one foreground value, binary or RGB (e.g. red = glomerulus on black),
-    become instances by connected components.
-    """
+    labels: Any  # 2-D numpy array, or a lazy dask array for OME-Zarr
+    classes: dict[int, str] = field(default_factory=dict)
+    mpp: float | None = None
+
+    def annotations(self) -> AnnotationSet:
+        """One polygon per label value; tile by tile for lazy (whole-slide) arrays."""
+        if hasattr(self.labels, "compute"):
+            return vectorize_tiled(self.labels, classes=self.classes)
+        names = list(dict.fromkeys(self.classes.values())) or None
+        return vectorize(self.labels, classes=self.classes or None, class_names=names)
+
+
+def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
+    """A label TIFF / PNG (opened once) or OME-Zarr labels (level 0, lazily), with classes and mpp when recorded."""
     import tifffile
     from PIL import Image, UnidentifiedImageError
-    from scipy import ndimage
 
     path = Path(path)
     if not path.exists():
         raise AnnotationError(path, "no such file")
+    if path.suffix.lower() == ".zarr":
+        pyramid = read_label_zarr(path)
+        return LabelFile(pyramid.levels[0], pyramid.classes, pyramid.mpp)
+    info = None
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            array = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                array = tif.asarray()
+                info = description_info(tif.pages[0].description)
         else:
             with Image.open(path) as im:
                 array = np.asarray(im)
     except (tifffile.TiffFileError, UnidentifiedImageError, OSError, ValueError) as exc:
         raise AnnotationError(path, f"not a readable label image ({exc})") from None
+    classes, mpp = info or ({}, None)
+    return LabelFile(_instances(array, path), classes, mpp)
+
+
+def read_label_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """An instance label raster from a label image (TIFF or PNG)."""
+    return read_label_file(path).labels
+
+
+def _instances(array: np.ndarray, path: Path) -> np.ndarray:
+    """Images with several foreground values are instance labels as they are. Masks
+    with one foreground value, binary or RGB (e.g. red = glomerulus on black),
+    become instances by connected components.
+    """
+    from scipy import ndimage
+
     array = np.squeeze(array)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         array = array[..., :3].any(axis=-1)
@@ -63,12 +97,8 @@ def read_annotations(path: str | os.PathLike[str], *, repair: bool = True, image
     if not path.exists():
         raise AnnotationError(path, "no such file")
     suffix = path.suffix.lower()
-    if suffix in LABEL_IMAGE_EXTENSIONS:
-        classes, _ = read_label_tiff_info(path) if suffix in (".tif", ".tiff") else ({}, None)
-        return vectorize(read_label_image(path), classes=classes or None, class_names=_names(classes))
-    if suffix == ".zarr":
-        pyramid = read_label_zarr(path)
-        return vectorize_tiled(pyramid.levels[0], classes=pyramid.classes)
+    if suffix in LABEL_IMAGE_EXTENSIONS or suffix == ".zarr":
+        return read_label_file(path).annotations()
     if suffix == ".xml":
         return read_xml_annotations(path, repair=repair)
     if suffix not in (".json", ".geojson"):
@@ -86,7 +116,3 @@ def read_annotations(path: str | os.PathLike[str], *, repair: bool = True, image
     if len(matches) != 1:
         raise AnnotationError(path, f"COCO file has {len(images)} images; name one with image=... (file name or stem)")
     return matches[0].annotations
-
-
-def _names(classes: dict[int, str]) -> list[str] | None:
-    return list(dict.fromkeys(classes.values())) or None

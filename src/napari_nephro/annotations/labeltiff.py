@@ -63,31 +63,35 @@ def _needs_bigtiff(source: LabelSource, levels) -> bool:
 
 def is_label_tiff(path: str | os.PathLike[str]) -> bool:
     """Whether `write_label_tiff` wrote this file (so it holds labels, not a slide)."""
-    return _description_info(path) is not None
+    description = _description(path)
+    return description is not None and description_info(description) is not None
 
 
-def _description_info(path) -> dict | None:
+def _description(path) -> str | None:
     import tifffile
 
     if Path(path).suffix.lower() not in (".tif", ".tiff") or not Path(path).is_file():
         return None
     try:
         with tifffile.TiffFile(path) as tif:
-            info = json.loads(tif.pages[0].description)[DESCRIPTION_KEY]
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError, TypeError):
+            return tif.pages[0].description
+    except (tifffile.TiffFileError, OSError, ValueError):
         return None
-    return info if isinstance(info, dict) else None
+
+
+def description_info(description: str) -> tuple[dict[int, str], float | None] | None:
+    """Classes (label value -> name) and mpp from an ImageDescription `write_label_tiff` wrote, else None."""
+    try:
+        info = json.loads(description)[DESCRIPTION_KEY]
+        return {int(k): str(v) for k, v in info.get("classes", {}).items()}, info.get("mpp")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], float | None]:
-    """Classes (label value -> name) and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
-    info = _description_info(path)
-    if info is None:
-        return {}, None
-    try:
-        return {int(k): str(v) for k, v in info.get("classes", {}).items()}, info.get("mpp")
-    except (ValueError, AttributeError):
-        return {}, None
+    """Classes and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
+    description = _description(path)
+    return (description_info(description) if description is not None else None) or ({}, None)
 
 
 def read_label_tiff_pyramid(path: str | os.PathLike[str]):

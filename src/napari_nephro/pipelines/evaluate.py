@@ -14,10 +14,8 @@ from ..annotations import AnnotationSet, rasterize, read_annotations
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
-from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
-from ..annotations.labeltiff import read_label_tiff_info
+from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_file
 from ..annotations.model import UNCLASSIFIED, require_inside
-from ..annotations.omezarr import read_label_zarr
 from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".zarr", *LABEL_IMAGE_EXTENSIONS)
@@ -37,13 +35,9 @@ class Labels:
 
 def load_labels(path: Path, shape: tuple[int, int] | None = None) -> Labels:
     """Instance (and class) rasters from any annotation file; vector files need `shape`."""
-    suffix = path.suffix.lower()
-    if suffix == ".zarr":
-        pyramid = read_label_zarr(path)
-        return _with_classes(np.asarray(pyramid.levels[0]).astype(np.uint32), pyramid.classes)
-    if suffix in LABEL_IMAGE_EXTENSIONS:
-        classes, _ = read_label_tiff_info(path) if suffix in (".tif", ".tiff") else ({}, None)
-        return _with_classes(read_label_image(path), classes)
+    if path.suffix.lower() == ".zarr" or path.suffix.lower() in LABEL_IMAGE_EXTENSIONS:
+        raster = read_label_file(path)
+        return _with_classes(np.asarray(raster.labels).astype(np.uint32, copy=False), raster.classes)
     return _polygon_labels(read_annotations(path), path, shape)
 
 

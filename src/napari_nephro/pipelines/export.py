@@ -26,7 +26,6 @@ from ..annotations import (
     PolygonLabels,
     rasterize,
     read_annotations,
-    vectorize,
     write_coco,
     write_geojson,
     write_imagescope_xml,
@@ -35,11 +34,8 @@ from ..annotations import (
 )
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
-from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_image
-from ..annotations.labeltiff import read_label_tiff_info
+from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, read_label_file
 from ..annotations.model import require_inside
-from ..annotations.omezarr import read_label_zarr
-from ..annotations.raster import vectorize_tiled
 from ..io import SLIDE_EXTENSIONS, Slide, open_slide
 from ..tiling import read_scaled, tile_grid, tissue_fraction
 
@@ -61,8 +57,7 @@ class Item:
 
     name: str  # file stem, used to match images and to name outputs
     annotations: AnnotationSet | None = None  # vector sources
-    labels: object = None  # raster sources: a 2-D numpy or dask array of label values
-    classes: dict | None = None  # raster sources: label value -> class
+    raster: LabelFile | None = None  # raster sources
     shape: tuple[int, int] | None = None
     mpp: float | None = None
     image: Path | None = None
@@ -71,11 +66,7 @@ class Item:
 
     def vectors(self) -> AnnotationSet:
         if self.annotations is None:
-            if hasattr(self.labels, "compute"):
-                self.annotations = vectorize_tiled(self.labels, classes=self.classes)
-            else:
-                names = list(dict.fromkeys((self.classes or {}).values())) or None
-                self.annotations = vectorize(self.labels, classes=self.classes or None, class_names=names)
+            self.annotations = self.raster.annotations()
         return self.annotations
 
 
@@ -116,21 +107,9 @@ def _items_of(path: Path) -> list[Item]:
 
 def _read_items(path: Path) -> list[Item]:
     suffix = path.suffix.lower()
-    if suffix == ".zarr":
-        pyramid = read_label_zarr(path)
-        return [
-            Item(
-                path.stem,
-                labels=pyramid.levels[0],
-                classes=pyramid.classes,
-                shape=pyramid.levels[0].shape,
-                mpp=pyramid.mpp,
-            )
-        ]
-    if suffix in LABEL_IMAGE_EXTENSIONS:
-        labels = read_label_image(path)
-        classes, mpp = read_label_tiff_info(path) if suffix in (".tif", ".tiff") else ({}, None)
-        return [Item(path.stem, labels=labels, classes=classes, shape=labels.shape, mpp=mpp)]
+    if suffix == ".zarr" or suffix in LABEL_IMAGE_EXTENSIONS:
+        raster = read_label_file(path)
+        return [Item(path.stem, raster=raster, shape=tuple(raster.labels.shape), mpp=raster.mpp)]
     if suffix == ".json":
         data = load_json(path)
         if is_coco(data):
@@ -243,8 +222,8 @@ def _write_one(item: Item, to: str, target: Path, overwrite: bool, progress) -> 
         return write_geojson(item.vectors(), target, overwrite=overwrite)
     if to == "xml":
         return write_imagescope_xml(item.vectors(), target, mpp=item.mpp, overwrite=overwrite)
-    if item.labels is not None:
-        source = ArrayLabels(item.labels, item.classes)
+    if item.raster is not None:
+        source = ArrayLabels(item.raster.labels, item.raster.classes)
     else:
         if item.shape is None:
             raise ExportError(f"{item.name}: polygons need the image size to become a label image: give --slide")
