@@ -119,12 +119,9 @@ def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:
         levels.append(da.from_zarr(group[dataset["path"]]))
         scale = next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t["type"] == "scale"), None)
         scales.append(float(scale[-1]) if scale else None)
-    if any(level.ndim != 2 for level in levels):
-        levels = [
-            level.reshape(level.shape[-2:]) if all(s == 1 for s in level.shape[:-2]) else level for level in levels
-        ]
-        if any(level.ndim != 2 for level in levels):
-            raise AnnotationError(path, f"a label image must be 2-D (y, x), not shape {levels[0].shape}")
+    if any(s != 1 for s in levels[0].shape[:-2]):  # (t, c, z) axes of size 1 are allowed, and dropped
+        raise AnnotationError(path, f"a label image must be 2-D (y, x), not shape {levels[0].shape}")
+    levels = [level.reshape(level.shape[-2:]) for level in levels]
     if np.dtype(levels[0].dtype).kind not in "ui":
         raise AnnotationError(path, f"label values must be integers, not {levels[0].dtype}")
     if all(scales):

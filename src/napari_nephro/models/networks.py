@@ -33,7 +33,5 @@ def build_network(config: ModelConfig, *, encoder_weights: str | None = None) ->
             **kwargs,
         )
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        if isinstance(exc, ModelError):
-            raise
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ModelError(f"cannot build {config.arch} with encoder {config.encoder!r}: {message}") from None

@@ -351,9 +351,14 @@ def _write_index(folder: Path, rows, classes, values, tile, overlap, mpp, items)
         "tiles": len(rows),
         "tile_size": tile,
         "overlap": overlap,
-        "mpp": mpp if mpp is not None else ({i.mpp for i in items}.pop() if len({i.mpp for i in items}) == 1 else None),
+        "mpp": mpp if mpp is not None else _common({i.mpp for i in items}),
         "mask_values": values,
         "classes": {str(i): c for i, c in enumerate(classes, start=1)} if values == "class" else {},
         "sources": [{"image": i.image.name, "width": i.shape[1], "height": i.shape[0], "mpp": i.mpp} for i in items],
     }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+
+def _common(values: set):
+    """The one value all sources share, or None when they differ."""
+    return next(iter(values)) if len(values) == 1 else None
