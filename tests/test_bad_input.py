@@ -119,3 +119,46 @@ def test_demo_with_a_bad_slide_fails_before_any_window(tmp_path, capsys, monkeyp
     (tmp_path / "bad.ndpi").write_text("no")
     assert main(["demo", str(tmp_path / "bad.ndpi")]) == 2
     assert "bad.ndpi" in capsys.readouterr().err
+
+
+def test_malformed_ome_pixel_size_means_unknown_not_a_crash(tmp_path):
+    from conftest import random_levels, write_pyramid
+
+    path = write_pyramid(tmp_path / "comma.ome.tif", random_levels((128, 128), 1), "ome", mpp=0.5)
+    data = path.read_bytes()
+    assert b'PhysicalSizeX="0.5"' in data
+    path.write_bytes(
+        data.replace(b'PhysicalSizeX="0.5"', b'PhysicalSizeX="0,5"').replace(
+            b'PhysicalSizeY="0.5"', b'PhysicalSizeY="0,5"'
+        )
+    )
+    slide = open_slide(path)
+    assert slide.mpp is None and slide.mpp_source == "unknown"
+
+
+def test_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    import napari_nephro.io.open as opening
+
+    def denied(path, backend):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(opening, "_open_backend", denied)
+    path = tmp_path / "locked.svs"
+    path.write_bytes(b"x" * 10)
+    with pytest.raises(SlideError, match="Permission denied") as err:
+        open_slide(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_dicom_folder_with_extensionless_files_is_a_slide_for_napari_too(tmp_path):
+    import shutil
+
+    from napari_nephro.io import can_open
+
+    source = require_shared("wsi", "CMU-1-Small-Region-dicom")
+    folder = tmp_path / "pacs-export"
+    folder.mkdir()
+    for i, f in enumerate(sorted(source.glob("*.dcm"))):
+        shutil.copy(f, folder / f"IM{i:04d}")
+    assert can_open(folder)
+    assert open_slide(folder).level_shapes[0] == open_slide(source).level_shapes[0]

@@ -169,3 +169,34 @@ def test_display_pyramid_adds_averaged_levels_only_where_the_file_has_too_few(tm
     expected = pixels[:1000, :300].reshape(500, 2, 150, 2, 3).mean(axis=(1, 3))
     np.testing.assert_array_equal(levels[1].compute(), np.round(expected).astype(np.uint8))
     assert len(display_pyramid(slide.levels, max_side=1000)) == 1  # big enough already
+
+
+def test_a_pickled_slide_reopens_with_the_same_backend_and_cache(tmp_path):
+    path = write_pyramid(tmp_path / "generic.tif", random_levels((256, 320), 2, seed=5), "pages", tile=(64, 64))
+    slide = open_slide(path, backend="openslide", cache_bytes=12345)
+    clone = pickle.loads(pickle.dumps(slide))
+    assert clone.backend == "openslide" and clone.cache.max_bytes == 12345
+
+
+def test_tiles_and_associated_images_read_from_many_threads_are_intact(tmp_path):
+    """One file position is shared by the tile reads and tifffile's own reads of associated images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_nephro.sample import write_sample_slide
+
+    slide = open_slide(write_sample_slide(tmp_path / "s.ome.tif"), cache_bytes=0)
+    assert slide.backend == "tifffile" and "label" in slide.associated_images
+    rows, cols = (-(-s // t) for s, t in zip(slide.level_shapes[1], slide.tile_shapes[1], strict=True))
+    keys = [(ty, tx) for ty in range(rows) for tx in range(cols)]
+    expected_tiles = {k: slide._backend.read_tile(1, *k) for k in keys}
+    expected_label = slide.associated_image("label")
+
+    def work(i):
+        if i % 3 == 0:
+            return "label", slide.associated_image("label")
+        k = keys[i % len(keys)]
+        return k, slide._backend.read_tile(1, *k)
+
+    with ThreadPoolExecutor(8) as pool:
+        for key, pixels in pool.map(work, range(300)):
+            np.testing.assert_array_equal(pixels, expected_label if key == "label" else expected_tiles[key])

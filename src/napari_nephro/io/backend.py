@@ -36,6 +36,24 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+WHITE = (255, 255, 255)
+
+
+def parse_float(text: str | None) -> float | None:
+    """A number from file metadata, or None for what writers put there instead ("0,5", "20x", "")."""
+    try:
+        return float(text) if text not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def mpp_pair(mpp_y: float | None, mpp_x: float | None) -> tuple[float, float] | None:
+    """(y, x) micrometres per pixel; a file that gives only one axis has square pixels."""
+    if not (mpp_y or mpp_x):
+        return None
+    return (mpp_y or mpp_x, mpp_x or mpp_y)
+
+
 def plausible_mpp(value: float | None) -> float | None:
     """`value` if it can be a microscope's pixel size, else None (unknown)."""
     if value is None or not np.isfinite(value):
@@ -44,7 +62,7 @@ def plausible_mpp(value: float | None) -> float | None:
     return float(value) if lo <= value <= hi else None
 
 
-def to_rgb(pixels: np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+def to_rgb(pixels: np.ndarray, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """(h, w[, 1|3|4]) uint8 -> (h, w, 3) uint8; transparency is laid over `background`.
 
     Brightfield background is white, so a transparent pixel (outside the scanned

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import plausible_mpp, to_rgb
+from .backend import mpp_pair, plausible_mpp, to_rgb
 from .errors import SlideError
 
 CHUNK = 1024  # these files have no tiles; napari gets chunks of this size
@@ -36,7 +36,7 @@ class ImageBackend:
         self.tile_shapes = [(min(CHUNK, h), min(CHUNK, w))]
         dpi = info.get("dpi")
         mpp = [plausible_mpp(25400.0 / float(d)) if d else None for d in dpi[::-1]] if dpi else [None, None]
-        self.mpp_yx = (mpp[0] or mpp[1], mpp[1] or mpp[0]) if (mpp[0] or mpp[1]) else None
+        self.mpp_yx = mpp_pair(*mpp)
         self.objective_power = None
         self.properties = {
             f"image.{k}": str(v)[:200] for k, v in info.items() if isinstance(v, str | int | float | tuple)

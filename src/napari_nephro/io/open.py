@@ -35,8 +35,12 @@ def open_slide(
     path = Path(path).expanduser()
     if backend is not None and backend not in BACKENDS:
         raise SlideError(path, f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    source, path = path, _resolve(path)
-    opened = _open_backend(path, backend)
+    source = path
+    try:
+        path = _resolve(path)
+        opened = _open_backend(path, backend)
+    except OSError as exc:  # permissions, a file removed meanwhile, a broken network share
+        raise SlideError(path, exc.strerror or str(exc)) from None
     try:
         return Slide(path, opened, mpp=mpp, cache_bytes=cache_bytes, source=source)
     except BaseException:
@@ -63,7 +67,7 @@ def _slide_in_directory(folder: Path) -> Path:
         found = [p for p in files if p.suffix.lower() == suffix]
         if len(found) == 1:
             return found[0]
-    dicoms = [p for p in files if p.suffix.lower() == ".dcm" or (not p.suffix and _is_dicom(p))]
+    dicoms = [p for p in files if _may_be_dicom(p)]
     # Any file of a DICOM WSI series opens the whole series; prefer the largest (the volume).
     for candidate in sorted(dicoms, key=lambda p: -p.stat().st_size):
         if detect_vendor(candidate) == "dicom":
@@ -73,7 +77,12 @@ def _slide_in_directory(folder: Path) -> Path:
     raise SlideError(folder, "directory contains no slide (looked for a DICOM WSI series, .mrxs or .vms)")
 
 
-def _is_dicom(path: Path) -> bool:
+def _may_be_dicom(path: Path) -> bool:
+    """A .dcm file, or an extensionless one with the DICOM preamble (as many PACS exports are named)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
     with open(path, "rb") as fh:
         head = fh.read(132)
     return head[128:132] == b"DICM"
@@ -108,6 +117,9 @@ def can_open(path: str | os.PathLike[str]) -> bool:
     """A cheap guess, without decoding, whether `open_slide` is the right reader."""
     p = Path(path)
     name = p.name.lower()
-    if p.is_dir():
-        return any(f.suffix.lower() in (".dcm", ".mrxs", ".vms") for f in p.iterdir())
+    if p.is_dir():  # the same test `_slide_in_directory` applies, so napari and the CLI agree
+        try:
+            return any(f.is_file() and (f.suffix.lower() in (".mrxs", ".vms") or _may_be_dicom(f)) for f in p.iterdir())
+        except OSError:
+            return False
     return name.endswith(SLIDE_EXTENSIONS)

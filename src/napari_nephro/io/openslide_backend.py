@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import plausible_mpp, to_rgb
+from .backend import WHITE, mpp_pair, parse_float, plausible_mpp, to_rgb
 from .errors import SlideError
 
 # Formats OpenSlide reads better than tifffile would. Plain "generic-tiff" is left
@@ -42,6 +42,15 @@ class OpenSlideBackend:
             if "No pyramid levels" in str(exc) and detect_vendor(path) == "dicom":
                 hint = ": a DICOM WSI needs its volume (pyramid) files in the same folder"
             raise SlideError(path, f"OpenSlide cannot open it ({exc}){hint}") from None
+        try:
+            self._describe()
+            if check_tiles:
+                self._check_readable()
+        except BaseException:  # a refused file must not stay open
+            self._slide.close()
+            raise
+
+    def _describe(self) -> None:
         props = dict(self._slide.properties)
         self.properties = props
         self.vendor = props.get("openslide.vendor")
@@ -54,15 +63,12 @@ class OpenSlideBackend:
             )
             for i in range(len(self.level_shapes))
         ]
-        mpp_x = plausible_mpp(_float(props.get("openslide.mpp-x")))
-        mpp_y = plausible_mpp(_float(props.get("openslide.mpp-y")))
-        self.mpp_yx = (mpp_y or mpp_x, mpp_x or mpp_y) if (mpp_x or mpp_y) else None
-        self.objective_power = _float(props.get("openslide.objective-power"))
-        colour = props.get("openslide.background-color") or "FFFFFF"
-        self._background = tuple(int(colour[i : i + 2], 16) for i in (0, 2, 4))
+        mpp_x = plausible_mpp(parse_float(props.get("openslide.mpp-x")))
+        mpp_y = plausible_mpp(parse_float(props.get("openslide.mpp-y")))
+        self.mpp_yx = mpp_pair(mpp_y, mpp_x)
+        self.objective_power = parse_float(props.get("openslide.objective-power"))
+        self._background = _colour(props.get("openslide.background-color"))
         self.associated_names = sorted(self._slide.associated_images.keys())
-        if check_tiles:
-            self._check_readable()
 
     def _check_readable(self) -> None:
         """Decode the last tile of the finest and coarsest levels.
@@ -101,8 +107,9 @@ class OpenSlideBackend:
         self._slide.close()
 
 
-def _float(value: str | None) -> float | None:
+def _colour(hex_rgb: str | None) -> tuple[int, int, int]:
+    """The slide's background colour ("RRGGBB"), white when absent or malformed."""
     try:
-        return float(value) if value not in (None, "") else None
+        return tuple(int(hex_rgb[i : i + 2], 16) for i in (0, 2, 4)) if hex_rgb and len(hex_rgb) == 6 else WHITE
     except ValueError:
-        return None
+        return WHITE

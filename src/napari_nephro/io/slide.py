@@ -215,7 +215,7 @@ class Slide:
         self.close()
 
     def __reduce__(self):
-        return (_reopen, (self.source, self._mpp_override))
+        return (_reopen, (self.source, self._mpp_override, self.backend, self.cache.max_bytes))
 
     def __repr__(self) -> str:
         h, w = self.level_shapes[0]
@@ -242,10 +242,11 @@ class _LevelView:
         return self.slide._read(self.level, y0, y1, x0, x1)[:, :, cs]
 
 
-def _reopen(path: Path, mpp: float | None) -> Slide:
+def _reopen(path: Path, mpp: float | None, backend: str, cache_bytes: int) -> Slide:
+    """A worker reopens the file with the backend that read it here, so its pixels are the same."""
     from .open import open_slide
 
-    return open_slide(path, mpp=mpp)
+    return open_slide(path, mpp=mpp, backend=backend, cache_bytes=cache_bytes)
 
 
 def _valid_mpp(path: Path, mpp: float) -> float:

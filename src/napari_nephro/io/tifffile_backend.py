@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
-from .backend import plausible_mpp, to_rgb
+from .backend import mpp_pair, parse_float, plausible_mpp, to_rgb
 from .errors import SlideError
 from .tiff_check import check_complete, quiet_tifffile
 
@@ -32,11 +31,17 @@ class TiffBackend:
                 raise SlideError(path, f"not a readable TIFF ({exc})") from None
             try:
                 check_complete(self._tif, path, warnings)
-                series = max(self._tif.series, key=lambda s: math.prod(s.shape))
-                self._levels = [_Level(lvl, path) for lvl in series.levels]
-            except BaseException:
+                self._describe(path)
+            except BaseException:  # a refused file must not stay open
                 self._tif.close()
                 raise
+        # Tiles and associated images are read from many threads through one file
+        # position: one (reentrant) file-handle lock, the one tifffile's own reads take, guards both.
+        self._tif.filehandle.set_lock(True)
+
+    def _describe(self, path: Path) -> None:
+        series = max(self._tif.series, key=lambda s: math.prod(s.shape))
+        self._levels = [_Level(lvl, path) for lvl in series.levels]
         self.vendor = series.kind or None
         self.level_shapes = [lvl.shape for lvl in self._levels]
         h0, w0 = self.level_shapes[0]
@@ -50,7 +55,6 @@ class TiffBackend:
             if s is not series and s.dtype == np.uint8 and s.axes == "YXS" and s.shape[-1] in (3, 4)
         }
         self.associated_names = sorted(self._associated)
-        self._lock = threading.Lock()
 
     def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
         lvl = self._levels[level]
@@ -60,7 +64,7 @@ class TiffBackend:
             offset, count = lvl.page.dataoffsets[index], lvl.page.databytecounts[index]
             data = None
             if count:
-                with self._lock:  # one file position, many reading threads
+                with fh.lock:  # one file position, many reading threads
                     fh.seek(offset)
                     data = fh.read(count)
             try:
@@ -77,7 +81,8 @@ class TiffBackend:
         return to_rgb(lvl.photometric_fix(tile))
 
     def read_associated(self, name: str) -> np.ndarray:
-        return to_rgb(self._associated[name].asarray())
+        with self._tif.filehandle.lock:  # tifffile also seeks while loading pages, outside its own lock
+            return to_rgb(self._associated[name].asarray())
 
     def close(self) -> None:
         self._tif.close()
@@ -152,7 +157,7 @@ def _physical(tif, series_index: int) -> tuple[tuple[float, float] | None, float
     res_x, res_y = page.resolution
     mpp_x = plausible_mpp(unit_um / res_x) if res_x else None
     mpp_y = plausible_mpp(unit_um / res_y) if res_y else None
-    return ((mpp_y or mpp_x, mpp_x or mpp_y) if (mpp_x or mpp_y) else None), None
+    return mpp_pair(mpp_y, mpp_x), None
 
 
 def _ome_physical(xml: str, series_index: int) -> tuple[tuple[float, float] | None, float | None]:
@@ -171,12 +176,12 @@ def _ome_physical(xml: str, series_index: int) -> tuple[tuple[float, float] | No
         for axis in ("Y", "X"):
             value = pixels.get(f"PhysicalSize{axis}")
             factor = _UNIT_TO_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
-            sizes.append(plausible_mpp(float(value) * factor) if value and factor else None)
-        if sizes[0] or sizes[1]:
-            mpp = (sizes[0] or sizes[1], sizes[1] or sizes[0])
+            size = parse_float(value)
+            sizes.append(plausible_mpp(size * factor) if size and factor else None)
+        mpp = mpp_pair(*sizes)
     power = None
     for el in root.iter():
         if el.tag.endswith("}Objective") and el.get("NominalMagnification"):
-            power = float(el.get("NominalMagnification"))
+            power = parse_float(el.get("NominalMagnification"))
             break
     return mpp, power
