@@ -34,7 +34,7 @@ def slide_layer_data(slide: Slide) -> tuple[list[Any], dict[str, Any], str]:
         "rgb": True,
         "multiscale": True,
         "contrast_limits": (0, 255),
-        "metadata": {"slide": slide, "slide_info": slide.info()},
+        "metadata": {"slide": slide},
         **slide_layer_kwargs(slide),
     }
     return (display_pyramid(slide.levels), kwargs, "image")

@@ -36,7 +36,7 @@ from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, read_label_file
 from ..annotations.model import require_inside
-from ..io import SLIDE_EXTENSIONS, Slide, open_slide
+from ..io import SLIDE_EXTENSIONS, Slide, can_open, open_slide
 from ..tiling import read_scaled, tile_grid, tissue_fraction
 
 FORMATS = {"geojson": ".geojson", "coco": ".json", "xml": ".xml", "tiff": ".tif", "zarr": ".zarr", "tiles": ""}
@@ -124,7 +124,7 @@ def _read_items(path: Path) -> list[Item]:
 def _attach_images(items: list[Item], slide: Path) -> None:
     if not slide.exists():
         raise ExportError(f"{slide}: no such slide, image or folder")
-    if slide.is_file() or slide.suffix.lower() == ".mrxs" or _is_dicom_folder(slide):
+    if slide.is_file() or can_open(slide):  # a file, or a folder that is one slide (DICOM, MIRAX)
         if len(items) != 1:
             raise ExportError(f"{slide}: one slide for {len(items)} images; give a folder of images named by stem")
         items[0].image = slide
@@ -150,10 +150,6 @@ def _image_stem(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
 
 
 def _check_size(item: Item, slide: Slide) -> None:

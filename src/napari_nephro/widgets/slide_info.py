@@ -153,7 +153,6 @@ class SlideInfoWidget(QWidget):
         kwargs = slide_layer_kwargs(slide)
         layer.scale = kwargs["scale"]
         layer.units = kwargs["units"]
-        layer.metadata["slide_info"] = slide.info()
         self.viewer.reset_view()
         self._show_current()
         self.status.setText(f"Pixel size set to {slide.mpp:.4f} um/px; the layer is now in micrometres.")
