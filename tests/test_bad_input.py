@@ -162,3 +162,13 @@ def test_a_dicom_folder_with_extensionless_files_is_a_slide_for_napari_too(tmp_p
         shutil.copy(f, folder / f"IM{i:04d}")
     assert can_open(folder)
     assert open_slide(folder).level_shapes[0] == open_slide(source).level_shapes[0]
+
+
+def test_a_png_too_large_for_pillow_says_what_to_do(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (300, 200), "white").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 60,000 px is then a "bomb", as 400 MP is by default
+    with pytest.raises(SlideError, match="save it as a tiled pyramidal TIFF"):
+        open_slide(path)

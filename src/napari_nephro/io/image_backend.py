@@ -24,7 +24,13 @@ class ImageBackend:
         try:
             with Image.open(path) as image:  # reads the header only
                 mode, (w, h), info, fmt = image.mode, image.size, dict(image.info), image.format
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError:
+            raise SlideError(
+                path,
+                f"larger than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} MP): "
+                "save it as a tiled pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid)",
+            ) from None
+        except (UnidentifiedImageError, OSError) as exc:
             raise SlideError(path, f"not a readable image ({exc})") from None
         if mode not in _MODES:
             raise SlideError(

@@ -11,7 +11,7 @@ DISPLAY_MAX_SIDE = 4096
 def display_pyramid(levels: list[da.Array], max_side: int = DISPLAY_MAX_SIDE) -> list[da.Array]:
     """`levels` plus 2x mean-reduced levels until the coarsest fits in `max_side` pixels.
 
-    A one-level 20k x 20k TIFF or PNG would make napari read every pixel to show the
+    A one-level 20k x 20k TIFF (or a 10k x 10k PNG) would make napari read every pixel to show the
     whole image zoomed out; lazily averaged levels let it read a fraction. These levels
     are for viewing only: analysis reads the file's own levels.
     """
