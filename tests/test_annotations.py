@@ -187,3 +187,29 @@ def test_malformed_coco_entry_is_one_line(tmp_path):
     with pytest.raises(AnnotationError, match="malformed COCO entry") as info:
         read_coco(path)
     assert "broken.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def _coco_with(annotation) -> dict:
+    return {
+        "images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}],
+        "annotations": [annotation],
+        "categories": [{"id": 1, "name": "glomerulus"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("annotation", "reason"),
+    [
+        (1, "malformed COCO entry"),
+        ({"image_id": 1, "category_id": 1, "segmentation": {"size": [4, 4], "counts": "P"}}, "truncated RLE"),
+        ({"image_id": 1, "category_id": 1, "segmentation": {"size": [4, 4], "counts": [20, -4]}}, "non-negative"),
+        ({"image_id": 1, "category_id": 1, "segmentation": {"size": [2, 2], "counts": [1, 3]}}, "not the image's"),
+        ({"image_id": 1, "category_id": 1, "segmentation": [[0, 0, float("nan"), 1, 2, 2]]}, "not numbers"),
+    ],
+)
+def test_broken_coco_annotations_are_one_line(tmp_path, annotation, reason):
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(_coco_with(annotation)))
+    with pytest.raises(AnnotationError, match=reason) as info:
+        read_coco(path)
+    assert "broken.json" in str(info.value) and "\n" not in str(info.value)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from warnings import catch_warnings, simplefilter
 
+import numpy as np
+import shapely
 from shapely.geometry import shape
 from shapely.validation import explain_validity, make_valid
 
@@ -14,9 +17,13 @@ from .model import as_area
 def polygonal(geometry_json: dict, where: str, path: Path, repair: bool, warnings: list[str]):
     """A valid Polygon/MultiPolygon from GeoJSON geometry; None for points and lines."""
     try:
-        geometry = shape(geometry_json)
+        with catch_warnings():  # NaN coordinates warn here; they are refused just below
+            simplefilter("ignore", RuntimeWarning)
+            geometry = shape(geometry_json)
     except Exception as exc:  # shapely raises several types for malformed coordinates
         raise AnnotationError(path, f"{where}: invalid geometry ({exc})") from None
+    if not np.isfinite(shapely.get_coordinates(geometry)).all():
+        raise AnnotationError(path, f"{where}: coordinates that are not numbers (NaN or infinite)")
     if geometry.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
         warnings.append(f"{where}: {geometry.geom_type} skipped (only areas are annotations here)")
         return None

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from shapely.geometry import MultiPolygon, Polygon
+import shapely
+from shapely.geometry import Polygon
 
 from ._geometry import polygonal
 from ._json import is_coco, load_json
@@ -41,7 +42,7 @@ def coco_from_data(data, path: Path, *, repair: bool = True) -> dict[str, CocoIm
         raise AnnotationError(path, "not COCO: expected 'images', 'annotations' and 'categories'")
     try:
         return _coco_images(data, path, repair)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # e.g. a number where an object belongs
         raise AnnotationError(path, f"malformed COCO entry ({exc.__class__.__name__}: {exc})") from None
 
 
@@ -95,8 +96,12 @@ def _segmentation(seg, entry, where, path, repair):
                 parts.extend(getattr(part, "geoms", [part]))
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else MultiPolygon(parts).buffer(0)
+        return parts[0] if len(parts) == 1 else shapely.union_all(parts)
     if isinstance(seg, dict) and "counts" in seg:
+        if [int(v) for v in seg.get("size", ())] != [entry["height"], entry["width"]]:
+            raise AnnotationError(
+                path, f"{where}: RLE size {seg.get('size')} is not the image's [{entry['height']}, {entry['width']}]"
+            )
         try:
             mask = rle_decode(seg)
         except (ValueError, KeyError, TypeError) as exc:

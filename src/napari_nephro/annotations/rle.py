@@ -7,19 +7,16 @@ import numpy as np
 
 def rle_decode(rle: dict) -> np.ndarray:
     """{"size": [h, w], "counts": list or compressed string} -> (h, w) bool mask."""
-    h, w = rle["size"]
+    h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
     if isinstance(counts, str | bytes):
         counts = _string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
-    flat = np.zeros(h * w, bool)
-    pos, value = 0, False
-    for run in counts:
-        if value:
-            flat[pos : pos + run] = True
-        pos += run
-        value = not value
-    if pos != h * w:
-        raise ValueError(f"RLE runs cover {pos} pixels, the mask has {h * w}")
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or (counts < 0).any():
+        raise ValueError("RLE runs must be a list of non-negative counts")
+    if counts.sum() != h * w:  # checked before allocating: a wrong size must not cost a huge mask
+        raise ValueError(f"RLE runs cover {counts.sum()} pixels, the mask has {h * w}")
+    flat = np.repeat(np.arange(counts.size) % 2 == 1, counts)  # runs alternate background, foreground
     return flat.reshape((w, h)).T
 
 
@@ -40,6 +37,8 @@ def _string_to_counts(s: str) -> list[int]:
     while i < len(s):
         x, k, more = 0, 0, True
         while more:
+            if i == len(s):
+                raise ValueError("truncated RLE string")
             c = ord(s[i]) - 48
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
