@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 from scipy import ndimage
 
 from conftest import require_shared
@@ -23,7 +24,8 @@ def test_nuclei_against_themselves_score_perfectly(capsys):
     truth = require_shared("nuclei", "miccai2015_tcga", "image02_labels.tif")
     report = _json(capsys, "--pred", str(truth), "--truth", str(truth))
     (row,) = report["images"]
-    assert row["dice"] == 1.0 and row["f1"] == 1.0 and row["tp"] == row["n_true"] == 127
+    count = len(np.unique(tifffile.imread(truth))) - 1  # counted independently of the package
+    assert row["dice"] == 1.0 and row["f1"] == 1.0 and row["tp"] == row["n_true"] == count == 127
 
 
 def test_a_shrunken_prediction_folder_matches_an_independent_count(tmp_path, capsys):
@@ -51,8 +53,12 @@ def test_coco_truth_against_a_folder_of_label_images(tmp_path, capsys):
         tifffile.imwrite(pred_dir / f"{entry.stem}.tif", rasterize(entry.annotations, (entry.height, entry.width)))
     report = _json(capsys, "--pred", str(pred_dir), "--truth", str(coco))
     assert len(report["images"]) == 5
+    counts = {entry.stem: len(entry.annotations) for entry in images.values()}
+    assert sum(counts[row["image"]] for row in report["images"]) > 0
     for row in report["images"]:
-        assert row["f1"] in (1.0, None) and row["dice"] in (1.0, None)
+        n = counts[row["image"]]
+        assert row["tp"] == row["n_true"] == n and row["fp"] == 0
+        assert row["f1"] == (1.0 if n else None) and row["dice"] == (1.0 if n else None)
         assert set(row["per_class"]) == {"gl", "gn", "gm", "gs"}
 
 
@@ -117,3 +123,34 @@ def test_ome_zarr_truth_with_classes_against_an_imagescope_prediction(tmp_path, 
     assert (row["tp"], row["fp"], row["fn"]) == (1, 0, 1)
     assert row["per_class"]["normal"]["dice"] == pytest.approx(2 * 1600 / (1600 + 2000))
     assert row["per_class"]["global sclerosis"]["dice"] == 0.0
+
+
+def test_polygon_truth_takes_its_size_from_a_label_image_prediction(tmp_path, capsys):
+    from shapely.geometry import box
+
+    from napari_nephro.annotations import Annotation, AnnotationSet, write_geojson
+
+    write_geojson(AnnotationSet([Annotation(box(10, 10, 30, 40), "normal")]), tmp_path / "truth.geojson")
+    pred = np.zeros((60, 80), np.uint16)
+    pred[10:40, 10:30] = 4
+    tifffile.imwrite(tmp_path / "pred.tif", pred)
+    (row,) = _json(capsys, "--pred", str(tmp_path / "pred.tif"), "--truth", str(tmp_path / "truth.geojson"))["images"]
+    assert row["dice"] == 1.0 and row["tp"] == 1
+
+
+def test_two_files_for_one_image_are_refused_not_overwritten(tmp_path, capsys):
+    folder = tmp_path / "pred"
+    folder.mkdir()
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:8, 2:8] = 1
+    tifffile.imwrite(folder / "x.tif", labels)
+    Image.fromarray(np.zeros_like(labels)).save(folder / "x.png")  # two label files for one image: which one?
+    tifffile.imwrite(tmp_path / "x.tif", labels)
+    assert main(["evaluate", "--pred", str(folder), "--truth", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "x.png and x.tif are both for image 'x'" in err and err.count("\n") == 1
+    (folder / "x.png").unlink()  # an image beside its labels (x.png + x_labels.tif) is no conflict:
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(folder / "x.png")  # the labels are scored
+    (folder / "x.tif").rename(folder / "x_labels.tif")
+    (row,) = _json(capsys, "--pred", str(folder), "--truth", str(tmp_path / "x.tif"))["images"]
+    assert row["dice"] == 1.0

@@ -20,6 +20,15 @@ from .omezarr import read_label_zarr
 from .raster import vectorize, vectorize_tiled
 
 LABEL_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
+LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask", "-labels", "-mask", "_annotations", "_gt")
+
+
+def image_stem(name: str) -> str:
+    """`image01_labels` -> `image01`: the image an annotation file is named after."""
+    for suffix in LABEL_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 @dataclass

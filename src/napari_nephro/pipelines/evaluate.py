@@ -14,7 +14,7 @@ from ..annotations import AnnotationSet, rasterize, read_annotations
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
-from ..annotations.io import LABEL_IMAGE_EXTENSIONS, read_label_file
+from ..annotations.io import LABEL_IMAGE_EXTENSIONS, image_stem, read_label_file
 from ..annotations.model import UNCLASSIFIED, require_inside
 from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
 
@@ -63,10 +63,12 @@ def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, in
 
 
 def _rasterized(annotations: AnnotationSet, shape) -> Labels:
+    """Instances drawn once; the class raster follows from them (object i has its class id at index i)."""
     instances = rasterize(annotations, shape)
-    named = [c for c in annotations.classes if c != UNCLASSIFIED]
-    classes = rasterize(annotations, shape, values="class") if named else None
-    return Labels(instances, classes, list(annotations.classes))
+    if all(c == UNCLASSIFIED for c in annotations.classes):
+        return Labels(instances, None, list(annotations.classes))
+    lut = np.array([0, *(annotations.class_id(a.label) for a in annotations)], np.uint16)
+    return Labels(instances, lut[instances], list(annotations.classes))
 
 
 def evaluate_pair(
@@ -125,9 +127,13 @@ def evaluate(
             )
         pairs = [(name, preds[name], truths[name]) for name in common]
     rows = []
-    for name, load_pred, load_truth in pairs:
-        t_labels = load_truth(shape)
-        p_labels = load_pred(t_labels.instances.shape)
+    for name, p_source, t_source in pairs:
+        if shape is None and not t_source.sized and p_source.sized:  # polygons take the size of the label image
+            p_labels = p_source.load(None)
+            t_labels = t_source.load(p_labels.instances.shape)
+        else:
+            t_labels = t_source.load(shape)
+            p_labels = p_source.load(t_labels.instances.shape)
         rows.append(evaluate_pair(p_labels, t_labels, iou_threshold=iou_threshold, crops=crops, name=name))
     return {"images": rows, "summary": summarize(rows, SUMMARY_KEYS), "iou_threshold": iou_threshold}
 
@@ -136,16 +142,32 @@ def _single(path: Path) -> bool:
     return path.is_file() or path.suffix.lower() == ".zarr"
 
 
-Loader = Callable[[tuple[int, int] | None], Labels]
+@dataclass
+class Source:
+    """How to get one image's labels: `load(shape)`; `sized` when the file knows the image size itself."""
+
+    load: Callable[[tuple[int, int] | None], Labels]
+    sized: bool
+    file: Path
 
 
-def _sources(path: Path) -> dict[str, Loader]:
-    """Image name -> a loader of its labels, reading each file once (a COCO file holds many images)."""
-    if path.is_file() or path.suffix.lower() == ".zarr":
-        files = [path]
-    else:
-        files = sorted(f for f in path.iterdir() if f.is_file() or f.suffix.lower() == ".zarr")
-    found: dict[str, Loader] = {}
+def _sources(path: Path) -> dict[str, Source]:
+    """Image name -> its labels' source, reading each file once (a COCO file holds many images)."""
+    files = [path] if _single(path) else sorted(f for f in path.iterdir() if _single(f))
+    found: dict[str, Source] = {}
+
+    def add(name: str, source: Source) -> None:
+        """A file named as labels (`x_labels.tif`) wins over one named as the image (`x.png`, the picture)."""
+        if name in found:
+            old_named, new_named = _named_as_labels(found[name].file), _named_as_labels(source.file)
+            if old_named == new_named:
+                raise EvaluationError(
+                    f"{found[name].file.name} and {source.file.name} are both for image {name!r}: keep one of them"
+                )
+            if old_named:
+                return
+        found[name] = source
+
     for f in files:
         if f.suffix.lower() not in ANNOTATION_SUFFIXES:
             continue
@@ -153,12 +175,18 @@ def _sources(path: Path) -> dict[str, Loader]:
             data = load_json(f)
             if is_coco(data):
                 for name, entry in coco_from_data(data, f).items():
-                    found[Path(name).stem] = partial(_coco_labels, entry)
+                    add(Path(name).stem, Source(partial(_coco_labels, entry), True, f))
             else:
-                found[f.stem] = partial(_polygon_labels, geojson_from_data(data, f), f)
+                add(image_stem(f.stem), Source(partial(_polygon_labels, geojson_from_data(data, f), f), False, f))
             continue
-        found[f.stem.removesuffix("_labels").removesuffix("_mask")] = partial(load_labels, f)
+        sized = f.suffix.lower() == ".zarr" or f.suffix.lower() in LABEL_IMAGE_EXTENSIONS
+        add(image_stem(f.stem), Source(partial(load_labels, f), sized, f))
     return found
+
+
+def _named_as_labels(path: Path) -> bool:
+    stem = path.name.removesuffix(".zarr") if path.suffix.lower() == ".zarr" else path.stem
+    return image_stem(stem) != stem
 
 
 def _coco_labels(entry, _shape) -> Labels:

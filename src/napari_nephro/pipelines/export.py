@@ -34,7 +34,7 @@ from ..annotations import (
 )
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
-from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, read_label_file
+from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, image_stem, read_label_file
 from ..annotations.model import require_inside
 from ..io import SLIDE_EXTENSIONS, Slide, can_open, open_slide
 from ..tiling import read_scaled, tile_grid, tissue_fraction
@@ -43,7 +43,6 @@ FORMATS = {"geojson": ".geojson", "coco": ".json", "xml": ".xml", "tiff": ".tif"
 VECTOR_SUFFIXES = (".geojson", ".json", ".xml")
 KEEP = ("tissue", "objects", "all")
 MIN_TISSUE = 0.1
-LABEL_SUFFIXES = ("_labels", "_label", "_masks", "_mask", "-labels", "-mask", "_annotations", "_gt")
 PNG_LEVEL = 1  # fast zlib: tiles are written once and read many times; level 6 costs 3x the time for ~10% size
 
 
@@ -132,7 +131,7 @@ def _attach_images(items: list[Item], slide: Path) -> None:
         files = [p for p in slide.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS]
         for item in items:
             images = {p.stem: p for p in files if p.resolve() != item.source}  # a label TIFF is not its own image
-            item.image = images.get(item.name) or images.get(_image_stem(item.name))
+            item.image = images.get(item.name) or images.get(image_stem(item.name))
         missing = [i.name for i in items if i.image is None]
         if len(missing) == len(items):
             raise ExportError(f"{slide}: no image here has the stem of an annotated image (e.g. {missing[0]!r})")
@@ -142,14 +141,6 @@ def _attach_images(items: list[Item], slide: Path) -> None:
                 _check_size(item, opened)
                 item.shape = opened.level_shapes[0]
                 item.mpp = opened.mpp or item.mpp
-
-
-def _image_stem(name: str) -> str:
-    """`image01_labels` -> `image01`: how label files are usually named after their image."""
-    for suffix in LABEL_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _check_size(item: Item, slide: Slide) -> None:
