@@ -131,7 +131,7 @@ def test_object_table_and_per_crop():
     pred = np.zeros_like(truth)
     pred[5:15, 5:15] = 9
     m = match_instances(pred, truth)
-    rows = object_table(m, truth, pred, truth_classes={1: "normal", 2: "global sclerosis"}, mpp=0.5)
+    rows = object_table(m, truth_classes={1: "normal", 2: "global sclerosis"}, mpp=0.5)
     by = {(r["side"], r["id"]): r for r in rows}
     assert by["truth", 1]["outcome"] == "TP" and by["truth", 1]["matched_id"] == 9 and by["truth", 1]["iou"] == 1.0
     assert by["truth", 2]["outcome"] == "FN" and by["truth", 2]["class"] == "global sclerosis"

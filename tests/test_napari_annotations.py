@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 
@@ -77,13 +79,22 @@ def test_compare_refuses_layers_of_different_shapes(compare):
 
 
 def test_compare_saves_the_table_without_replacing_a_file_unasked(compare, tmp_path):
-    _, widget, _, _ = compare
+    viewer, widget, _, _ = compare
+    viewer.layers["truth"].metadata["classes"] = {1: "normal", 2: "global sclerosis"}
     widget.compare_button.click()
     target = tmp_path / "objects.csv"
     assert widget.save_csv(target)
     assert target.read_bytes() == widget.csv_text().encode() and len(target.read_text().splitlines()) == 1 + len(
         widget.rows
     )
+    with open(target, newline="") as fh:
+        rows = {(r["side"], r["id"]): r for r in csv.DictReader(fh)}
+    # truth 1 is 15 x 15 px at 0.5 um/px; the prediction is shifted one column: IoU 210 / 240 = 0.875
+    first = rows[("truth", "1")]
+    assert (first["class"], first["area_px"], first["area_um2"], first["matched_id"]) == ("normal", "225", "56.25", "7")
+    assert float(first["iou"]) == 0.875 and first["outcome"] == "TP"
+    assert rows[("truth", "2")]["class"] == "global sclerosis" and rows[("truth", "2")]["outcome"] == "FN"
+    assert rows[("prediction", "7")]["class"] == "normal" and rows[("prediction", "8")]["outcome"] == "FP"
     target.write_text("mine")
     assert not widget.save_csv(target)
     assert target.read_text() == "mine" and "already exists" in widget.summary.text()

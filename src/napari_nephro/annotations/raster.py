@@ -85,7 +85,9 @@ def vectorize(
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, not {labels.shape}")
     found = []
-    for index, sl in enumerate(ndimage.find_objects(labels.astype(np.int64, copy=False)), start=1):
+    for index, sl in enumerate(
+        ndimage.find_objects(labels if labels.dtype.kind in "ui" else labels.astype(np.int64)), start=1
+    ):
         if sl is None:
             continue
         crop = labels[sl] == index

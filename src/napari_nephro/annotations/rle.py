@@ -20,7 +20,8 @@ def rle_decode(rle: dict) -> np.ndarray:
     return flat.reshape((w, h)).T
 
 
-def rle_encode(mask: np.ndarray, compressed: bool = True) -> dict:
+def rle_encode(mask: np.ndarray) -> dict:
+    """(h, w) mask -> {"size": [h, w], "counts": compressed string}, byte-identical to pycocotools."""
     h, w = mask.shape
     flat = np.asarray(mask, bool).T.ravel()
     changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
@@ -28,7 +29,7 @@ def rle_encode(mask: np.ndarray, compressed: bool = True) -> dict:
     counts = np.diff(bounds).tolist()
     if flat.size and flat[0]:
         counts = [0, *counts]
-    return {"size": [h, w], "counts": _counts_to_string(counts) if compressed else counts}
+    return {"size": [h, w], "counts": _counts_to_string(counts)}
 
 
 def _string_to_counts(s: str) -> list[int]:

@@ -33,10 +33,10 @@ class MatchResult:
     mean_matched_iou: float | None
     panoptic_quality: float | None
     pairs: list[tuple[int, int, float]] = field(default_factory=list)  # (truth id, prediction id, IoU)
-    true_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    pred_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    true_areas: dict[int, int] = field(default_factory=dict)  # object id -> pixels, for the object table
+    pred_areas: dict[int, int] = field(default_factory=dict)
 
-    def as_dict(self, with_pairs: bool = False) -> dict:
+    def as_dict(self) -> dict:
         keys = (
             "threshold",
             "n_true",
@@ -50,10 +50,7 @@ class MatchResult:
             "mean_matched_iou",
             "panoptic_quality",
         )
-        out = {k: getattr(self, k) for k in keys}
-        if with_pairs:
-            out["pairs"] = [list(p) for p in self.pairs]
-        return out
+        return {k: getattr(self, k) for k in keys}
 
 
 def overlap_table(truth: np.ndarray, pred: np.ndarray):
@@ -101,8 +98,8 @@ def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 
         mean_matched_iou=ratio(sum_iou, tp),
         panoptic_quality=ratio(sum_iou, tp + fp / 2 + fn / 2),
         pairs=pairs,
-        true_ids=true_ids,
-        pred_ids=pred_ids,
+        true_areas=dict(zip(true_ids.tolist(), t_area.tolist(), strict=True)),
+        pred_areas=dict(zip(pred_ids.tolist(), p_area.tolist(), strict=True)),
     )
 
 

@@ -25,7 +25,7 @@ def per_crop(pred: np.ndarray, truth: np.ndarray, margin: float = DEFAULT_CROP_M
     if truth.shape != pred.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {truth.shape}")
     rows = []
-    for index, sl in enumerate(ndimage.find_objects(truth.astype(np.int64, copy=False)), start=1):
+    for index, sl in enumerate(ndimage.find_objects(_integer(truth)), start=1):
         if sl is None:
             continue
         grown = tuple(
@@ -49,19 +49,15 @@ def per_crop(pred: np.ndarray, truth: np.ndarray, margin: float = DEFAULT_CROP_M
 
 def object_table(
     result: MatchResult,
-    truth: np.ndarray,
-    pred: np.ndarray,
     *,
     truth_classes: Mapping[int, str] | None = None,
     mpp: float | None = None,
 ) -> list[dict]:
     """One row per object: id, which side, class, area (px, and um^2 when mpp is known), match, IoU."""
-    truth_area = dict(zip(*np.unique(truth[truth != 0], return_counts=True), strict=True))
-    pred_area = dict(zip(*np.unique(pred[pred != 0], return_counts=True), strict=True))
     by_truth = {t: (p, iou) for t, p, iou in result.pairs}
     by_pred = {p: (t, iou) for t, p, iou in result.pairs}
     rows = []
-    for side, areas, matches in (("truth", truth_area, by_truth), ("prediction", pred_area, by_pred)):
+    for side, areas, matches in (("truth", result.true_areas, by_truth), ("prediction", result.pred_areas, by_pred)):
         for obj, area in areas.items():
             other, iou = matches.get(int(obj), (None, None))
             rows.append(
@@ -79,10 +75,9 @@ def object_table(
     return rows
 
 
-def summarize(results: Iterable[Mapping[str, float | None]], keys: Sequence[str] | None = None) -> dict[str, dict]:
+def summarize(results: Iterable[Mapping[str, float | None]], keys: Sequence[str]) -> dict[str, dict]:
     """Mean, standard deviation (ddof 1, as the papers' tables) and count per metric, ignoring undefined values."""
     results = list(results)
-    keys = keys or [k for k, v in results[0].items() if isinstance(v, int | float) or v is None] if results else []
     out = {}
     for key in keys:
         values = np.array([r[key] for r in results if r.get(key) is not None], float)
@@ -92,3 +87,8 @@ def summarize(results: Iterable[Mapping[str, float | None]], keys: Sequence[str]
             "n": int(values.size),
         }
     return out
+
+
+def _integer(labels: np.ndarray) -> np.ndarray:
+    """Integer labels as they are (find_objects takes any integer type); only bool or float is converted."""
+    return labels if labels.dtype.kind in "ui" else labels.astype(np.int64)

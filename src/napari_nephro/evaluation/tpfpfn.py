@@ -7,7 +7,6 @@ import numpy as np
 
 TP, FP, FN = 1, 2, 3
 TPFPFN_COLORS = {TP: (0, 200, 0), FP: (255, 220, 0), FN: (230, 0, 0)}
-TPFPFN_NAMES = {TP: "TP", FP: "FP", FN: "FN"}
 
 
 def tp_fp_fn_map(pred, truth):

@@ -122,7 +122,8 @@ class CompareWidget(QWidget):
         pixel = pixel_scores(pred, truth)
         result = match_instances(pred, truth, self.iou_spin.value())
         mpp = float(truth_layer.scale[-1]) * self.downsample if str(truth_layer.units[-1]) == "micrometer" else None
-        self.rows = object_table(result, truth, pred, mpp=mpp)
+        classes = truth_layer.metadata.get("classes")
+        self.rows = object_table(result, truth_classes=classes if isinstance(classes, dict) else None, mpp=mpp)
         self._show_table()
         self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer)
         note = (
