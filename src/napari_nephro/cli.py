@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .annotations import AnnotationError
+from .inference.errors import SegmentError
 from .io import SlideError, open_slide
 from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, EvaluationError, ExportError, ModelError, UserError) as exc:
+    except (SlideError, AnnotationError, EvaluationError, ExportError, ModelError, SegmentError, UserError) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -83,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(func=cmd_export)
 
+    seg = sub.add_parser("segment", help="run a segmentation model over a slide or a region of it, into a file")
+    seg.add_argument("slide", help="slide file, DICOM WSI folder, or plain image")
+    seg.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + model.safetensors)")
+    seg.add_argument("--out", required=True, type=Path, help="output: .zarr (OME-Zarr labels), .tif, or .geojson")
+    seg.add_argument("--region", type=_region, help="X,Y,W,H in level-0 pixels (default: the whole slide)")
+    seg.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for slides that do not say")
+    seg.add_argument("--tile", type=int, help="tile size at the model's mpp (default: the model's)")
+    seg.add_argument("--overlap", type=int, help="overlap between tiles (default: the model's)")
+    seg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
+    seg.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    seg.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    seg.add_argument("--readers", type=int, default=2, help="threads reading tiles ahead of the model (default 2)")
+    seg.add_argument("--all-tiles", action="store_true", help="also send tiles of bare glass to the model")
+    seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
+    seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
+    seg.set_defaults(func=cmd_segment)
+
     model = sub.add_parser("model", help="make and inspect model checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     init = model_sub.add_parser("init", help="write a checkpoint folder with fresh weights (to try the pipeline)")
@@ -115,6 +133,57 @@ def _shape(text: str) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return h, w
+
+
+def _region(text: str) -> tuple[float, float, float, float]:
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in level-0 pixels, got {text!r}") from None
+    return x, y, w, h
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import partial_path, segment_slide
+
+    if args.batch < 1 or args.readers < 1:
+        raise UserError("--batch and --readers must be at least 1")
+    slide = open_slide(args.slide, mpp=args.mpp)
+    from .models import TorchSegmenter
+
+    segmenter = TorchSegmenter.from_checkpoint(args.model, device=args.device)
+    try:
+        with _progress_bar("segment", "tile") as bar:
+            result = segment_slide(
+                slide,
+                segmenter,
+                args.out,
+                region=args.region,
+                threshold=args.threshold,
+                tile=args.tile,
+                overlap=args.overlap,
+                batch_size=args.batch,
+                readers=args.readers,
+                skip_background=not args.all_tiles,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=lambda p: bar(p.done, p.total),
+            )
+    except KeyboardInterrupt:
+        partial = partial_path(args.out)
+        if partial.exists():
+            print(
+                f"nephro: interrupted; the rows finished are kept in {partial}: add --resume to finish", file=sys.stderr
+            )
+        else:
+            print("nephro: interrupted", file=sys.stderr)
+        return 130
+    stats = result.stats
+    print(
+        f"{result.path}  ({stats.tiles} tiles, {stats.skipped} glass skipped, {stats.predicted} predicted "
+        f"in {stats.seconds:.1f} s on {segmenter.device})"
+    )
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

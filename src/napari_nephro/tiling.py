@@ -89,14 +89,19 @@ def read_scaled(slide: Slide, box: tuple[float, float, float, float], size: tupl
     return np.asarray(resized)
 
 
-def tissue_fraction(rgb: np.ndarray) -> float:
-    """Share of pixels that look like stained tissue, not glass: saturated or dark enough.
+def tissue_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that look like stained tissue, not glass: saturated or dark enough.
 
     Brightfield glass is near-white and grey; H&E, PAS, Masson and silver stains are
     all either coloured or dark. Thresholds are loose on purpose: a tile is kept when
     in doubt.
     """
-    rgb = rgb[::4, ::4].astype(np.int16)  # a 1-in-16 sample decides as well and costs 16x less
+    rgb = rgb.astype(np.int16)
     saturation = rgb.max(axis=-1) - rgb.min(axis=-1)
     darkness = 255 - rgb.mean(axis=-1)
-    return float(np.mean((saturation > 20) | (darkness > 60)))
+    return (saturation > 20) | (darkness > 60)
+
+
+def tissue_fraction(rgb: np.ndarray) -> float:
+    """Share of a tile's pixels that look like tissue (see `tissue_mask`)."""
+    return float(np.mean(tissue_mask(rgb[::4, ::4])))  # a 1-in-16 sample decides as well and costs 16x less

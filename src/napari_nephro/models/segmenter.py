@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CONFIG, WEIGHTS, load_checkpoint
 from .config import ModelConfig
 from .device import pick_device
 
@@ -23,6 +25,8 @@ class Segmenter(Protocol):
     mpp: float  # micrometres per pixel the model expects its tiles at
     tile_size: int  # tile side at `mpp`
     input_size: int  # network input side (tiles are resized to it)
+    overlap: int  # default overlap between tiles at `mpp`
+    fingerprint: str  # identifies the weights, so a resumed run can check it is the same model
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """(N, tile, tile, 3) uint8 RGB -> (N, C, tile, tile) float32 probabilities."""
@@ -38,11 +42,15 @@ class TorchSegmenter:
 
     kind: Literal["semantic"] = "semantic"
 
-    def __init__(self, network: nn.Module, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, network: nn.Module, config: ModelConfig, device: torch.device | str = "cpu", fingerprint: str = ""
+    ) -> None:
         self.network, self.config, self.device = network.eval(), config, torch.device(device)
         self.network.to(self.device)
         self.classes, self.mpp = list(config.classes), config.mpp
-        self.tile_size, self.input_size = config.tile_size, config.input_size
+        self.tile_size, self.input_size, self.overlap = config.tile_size, config.input_size, config.overlap
+        # what a resumed run checks it is still the same model: the checkpoint's bytes, else the config
+        self.fingerprint = fingerprint or hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
         norm = config.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
@@ -51,7 +59,7 @@ class TorchSegmenter:
     def from_checkpoint(cls, folder: str | os.PathLike[str], device: str = "auto") -> TorchSegmenter:
         target = pick_device(device)
         network, config = load_checkpoint(folder, target)
-        return cls(network, config, target)
+        return cls(network, config, target, checkpoint_fingerprint(folder))
 
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray) -> np.ndarray:
@@ -71,3 +79,12 @@ class TorchSegmenter:
         if probs.shape[-2:] != size:
             probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return probs.cpu().numpy()
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """A short hash of a checkpoint's config and weights: the same model, byte for byte."""
+    digest = hashlib.sha256()
+    for name in (CONFIG, WEIGHTS):
+        with open(Path(folder) / name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,26 @@
+"""The tiled segmentation engine: any `Segmenter` over a region or a whole slide, seamless, resumable.
+
+Nothing here imports napari or torch: the engine talks to models through the
+`Segmenter` protocol (`napari_nephro.models`), so the U-Net family, SegGPT and the
+nuclei models share it.
+"""
+
+from .api import RegionResult, SlideResult, label_classes, segment_region, segment_slide
+from .engine import Progress, RunStats
+from .errors import SegmentError
+from .output import partial_path
+from .plan import Plan, make_plan
+
+__all__ = [
+    "Plan",
+    "Progress",
+    "RegionResult",
+    "RunStats",
+    "SegmentError",
+    "SlideResult",
+    "label_classes",
+    "make_plan",
+    "partial_path",
+    "segment_region",
+    "segment_slide",
+]

@@ -1,0 +1,172 @@
+"""Segment a region into memory, or a whole slide (or region) into a file, with any `Segmenter`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import Slide
+from .engine import Progress, RunStats, run_tiles
+from .errors import SegmentError
+from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
+from .plan import Plan, make_plan, slide_mpp
+
+MAX_REGION_BYTES = 2 * 1024**3  # a region result beyond this goes to a file instead
+
+
+@dataclass
+class RegionResult:
+    """Class ids (H, W) uint8, or probabilities (C, H, W), over `region` at `out_downsample`."""
+
+    array: np.ndarray
+    region: tuple[int, int, int, int]  # x, y, width, height in level-0 pixels
+    out_downsample: float  # level-0 pixels per array pixel
+    mpp: float  # micrometres per array pixel
+    classes: dict[int, str]  # label value -> class name
+    stats: RunStats
+
+
+@dataclass
+class SlideResult:
+    path: Path | None  # the finished output; None when the run was cancelled
+    partial: Path  # where an unfinished run is kept for --resume
+    rows_done: int
+    rows: int
+    stats: RunStats
+
+
+def label_classes(segmenter) -> dict[int, str]:
+    return {i: name for i, name in enumerate(segmenter.classes, start=1)}
+
+
+def _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background) -> Plan:
+    return make_plan(
+        slide,
+        model_mpp=float(segmenter.mpp),
+        tile=int(tile or segmenter.tile_size),
+        overlap=int(getattr(segmenter, "overlap", 0) if overlap is None else overlap),
+        region=region,
+        out_downsample=out_downsample,
+        skip_background=skip_background,
+    )
+
+
+def segment_region(
+    slide: Slide,
+    segmenter,
+    region: tuple[float, float, float, float] | None = None,
+    *,
+    out_downsample: float = 1.0,
+    threshold: float = 0.5,
+    probabilities: bool = False,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    readers: int = 2,
+    skip_background: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RegionResult:
+    """Run `segmenter` over `region` (x, y, w, h in level-0 pixels; default the whole slide) into memory.
+
+    A cancelled run returns what it finished (`stats.complete` is False); rows it
+    did not reach are background.
+    """
+    _check_threshold(threshold)
+    plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    height, width = plan.out_shape
+    channels = 1 if len(segmenter.classes) == 1 else len(segmenter.classes) + 1
+    size = height * width * (4 * channels if probabilities else 1)
+    if size > MAX_REGION_BYTES:
+        raise SegmentError(
+            f"the result of a {width} x {height} region would take {size / 1024**3:.1f} GiB of memory: "
+            "write it to a file (nephro segment --out, or 'whole slide' in napari) or use a coarser output"
+        )
+    sink = ArraySink((height, width), channels, probabilities=probabilities, threshold=threshold)
+    stats = run_tiles(
+        slide, segmenter, plan, sink, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
+    )
+    mpp = slide_mpp(slide) * plan.out_downsample
+    return RegionResult(sink.array, plan.region, plan.out_downsample, mpp, label_classes(segmenter), stats)
+
+
+def segment_slide(
+    slide: Slide,
+    segmenter,
+    out: str | os.PathLike[str],
+    *,
+    region: tuple[float, float, float, float] | None = None,
+    out_downsample: float = 1.0,
+    threshold: float = 0.5,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    readers: int = 2,
+    skip_background: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> SlideResult:
+    """Run `segmenter` over the slide (or `region` of it) into `out`: .zarr, .tif or .geojson.
+
+    The label image always has the whole slide's extent at `out_downsample`, so it
+    overlays the slide in any viewer; a region only limits what is computed. Rows
+    go to `<out>.partial.zarr` as they finish; cancelled or killed, the run keeps
+    them and `resume=True` computes only the rest.
+    """
+    _check_threshold(threshold)
+    out = Path(out)
+    check_output(out, overwrite=overwrite, resume=resume)
+    plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    mpp = slide_mpp(slide)
+    classes = label_classes(segmenter)
+    identity = _json(
+        {
+            "slide": slide.source.name,
+            "slide_shape": list(slide.level_shapes[0]),
+            "slide_mpp": round(mpp, 9),
+            "model": getattr(segmenter, "fingerprint", type(segmenter).__name__),
+            "plan": plan.describe(),
+            "threshold": threshold,
+        }
+    )
+    partial = partial_path(out)
+    if resume:
+        store = ZarrRunStore.reopen(partial, identity, threshold)
+    else:
+        d = plan.out_downsample
+        full = (int(np.ceil(slide.level_shapes[0][0] / d - 1e-6)), int(np.ceil(slide.level_shapes[0][1] / d - 1e-6)))
+        offset = (round(plan.region[1] / d), round(plan.region[0] / d))
+        record = {
+            **identity,
+            "classes": {str(k): v for k, v in classes.items()},
+            "rows": plan.out_shape[0],
+            "name": f"{Path(slide.source).stem} {', '.join(segmenter.classes)}",
+        }
+        from ..annotations.omezarr import _metadata
+
+        ngff = _metadata(record["name"], [1], mpp * d, classes)
+        store = ZarrRunStore.create(partial, full, offset, record, ngff, threshold)
+    stats = run_tiles(
+        slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
+    )
+    rows = plan.out_shape[0]
+    if store.rows_done < rows:
+        return SlideResult(None, partial, store.rows_done, rows, stats)
+    path = finish(store, out, mpp=mpp * plan.out_downsample, classes=classes, overwrite=overwrite)
+    return SlideResult(path, partial, rows, rows, stats)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold < 1:
+        raise SegmentError(f"the threshold must be between 0 and 1, not {threshold}")
+
+
+def _json(value):
+    return json.loads(json.dumps(value))

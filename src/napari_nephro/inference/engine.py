@@ -1,0 +1,231 @@
+"""The tile pipeline: readers ahead of the model, the model on full batches, stitching behind it.
+
+Three kinds of thread share the work. A pool of readers decodes and resamples the
+tiles of the next batches; the calling thread runs the model, batch after batch;
+one writer thread stitches, resamples to the output grid and writes. Queues
+between them are short, so memory holds a few batches whatever the slide's size.
+Cancellation is checked between batches; what was finished is flushed either way.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..io import Slide
+from ..tiling import read_scaled
+from .output import Sink
+from .plan import GridTile, Plan
+from .stitch import RowResampler, RowStitcher
+
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows: tiles done of total (glass tiles count as done), speed and time left."""
+
+    done: int
+    total: int
+    tiles_per_second: float
+    eta_seconds: float | None
+
+
+@dataclass
+class RunStats:
+    tiles: int  # in the plan
+    skipped: int  # glass, never sent to the model
+    predicted: int  # sent to the model in this call
+    seconds: float
+    model_seconds: float  # inside `predict`
+    complete: bool
+
+
+class _Stop(Exception):
+    """The writer failed: stop feeding it."""
+
+
+def run_tiles(
+    slide: Slide,
+    segmenter,
+    plan: Plan,
+    sink: Sink,
+    *,
+    batch_size: int = 4,
+    readers: int = 2,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RunStats:
+    """Predict every tissue tile of `plan` not yet in `sink`, stitch, and write rows to `sink` in order."""
+    started = time.perf_counter()
+    channels = _channels(segmenter)
+    stitcher_rows = plan.work_shape
+    resampler = RowResampler(plan.work_shape, plan.out_shape, plan.out_downsample / plan.scale, first=sink.rows_done)
+    restart = resampler.first_work_row()
+    row_starts = plan.row_starts
+    first_row = next((i for i, y in enumerate(row_starts) if y + plan.tile > restart), len(row_starts))
+    todo = [t for t in plan.tiles if t.row >= first_row]
+    already = len(plan.tiles) - len(todo)
+    top = row_starts[first_row] if first_row < len(row_starts) else stitcher_rows[0]
+    stitcher = RowStitcher(stitcher_rows, channels, plan.tile, plan.overlap, top=min(top, restart))
+    writer = _Writer(stitcher, resampler, sink, todo, row_starts)
+    counter = _Counter(len(plan.tiles), already, progress)
+    counter.add(sum(not t.tissue for t in todo))  # glass is done as soon as it is known to be glass
+    model_seconds, predicted, complete = 0.0, 0, False
+    kept = [t for t in todo if t.tissue]
+    batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
+    writer.start()
+    try:
+        with ThreadPoolExecutor(max(1, readers), thread_name_prefix="nephro-read") as pool:
+            pending: deque[tuple[list[GridTile], list[Future]]] = deque()
+            next_batch = 0
+            while next_batch < len(batches) or pending:
+                while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
+                    batch = batches[next_batch]
+                    pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
+                    next_batch += 1
+                if cancel is not None and cancel():
+                    for _, futures in pending:
+                        for f in futures:
+                            f.cancel()
+                    break
+                batch, futures = pending.popleft()
+                pixels = np.stack([f.result() for f in futures])
+                t0 = time.perf_counter()
+                probs = _predict(segmenter, pixels)
+                model_seconds += time.perf_counter() - t0
+                writer.put((batch, probs))
+                predicted += len(batch)
+                counter.add(len(batch))
+            else:
+                complete = True
+    finally:
+        writer.close()
+    return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+
+
+def _channels(segmenter) -> int:
+    classes = list(segmenter.classes)
+    return 1 if len(classes) == 1 else len(classes) + 1
+
+
+def _read(slide: Slide, plan: Plan, tile: GridTile) -> np.ndarray:
+    return read_scaled(slide, plan.level0_box(tile), (plan.tile, plan.tile))
+
+
+def _predict(segmenter, pixels: np.ndarray) -> np.ndarray:
+    """`predict`, halving the batch while the GPU runs out of memory (a smaller batch is slower, not wrong)."""
+    try:
+        return segmenter.predict(pixels)
+    except Exception as exc:
+        if not _out_of_memory(exc) or len(pixels) == 1:
+            raise
+    _empty_gpu_cache()
+    warnings.warn(f"out of GPU memory on a batch of {len(pixels)}; retrying in halves", RuntimeWarning, stacklevel=2)
+    half = len(pixels) // 2
+    return np.concatenate([_predict(segmenter, pixels[:half]), _predict(segmenter, pixels[half:])])
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _empty_gpu_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _Counter:
+    def __init__(self, total: int, done: int, callback: Callable[[Progress], None] | None) -> None:
+        self.total, self.done, self.callback = total, done, callback
+        self.start, self.start_done = time.perf_counter(), done
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        self.callback(Progress(self.done, self.total, rate, eta))
+
+
+class _Writer(threading.Thread):
+    """Stitches predicted tiles in grid order and releases finished rows to the sink, off the model's thread."""
+
+    def __init__(self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts) -> None:
+        super().__init__(name="nephro-write", daemon=True)
+        self.stitcher, self.resampler, self.sink = stitcher, resampler, sink
+        self.tiles, self.row_starts = list(tiles), row_starts
+        self.inbox: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self.error: BaseException | None = None
+        self._next = 0  # index in self.tiles of the next tile to stitch
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise _Stop from self.error
+            try:
+                self.inbox.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finish what was handed over, flush the sink, and re-raise a writer failure."""
+        while self.is_alive():
+            try:
+                self.inbox.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        try:
+            while (item := self.inbox.get()) is not None:
+                batch, probs = item
+                for tile, p in zip(batch, probs, strict=True):
+                    self._stitch(tile, p)
+            self._advance()  # trailing glass tiles, and the last rows when the run is complete
+        except BaseException as exc:  # handed to the model's thread by put/close
+            self.error = exc
+        finally:
+            try:
+                self.sink.flush()
+            except BaseException as exc:
+                self.error = self.error or exc
+
+    def _stitch(self, tile: GridTile, probs: np.ndarray) -> None:
+        self._advance(until=tile)
+        self.stitcher.add(tile.y, tile.x, probs)
+        self._next += 1
+
+    def _advance(self, until: GridTile | None = None) -> None:
+        """Pass over glass tiles up to `until` (at the end: up to the first tile never predicted),
+        then release the rows above the next tile's row: no later tile touches them."""
+        while self._next < len(self.tiles) and self.tiles[self._next] is not until:
+            if self.tiles[self._next].tissue:
+                if until is not None:
+                    raise RuntimeError("tiles arrived out of grid order")
+                break  # the run stopped early: this tile's rows stay unwritten
+            self._next += 1
+        more = self._next < len(self.tiles)
+        finished = self.row_starts[self.tiles[self._next].row] if more else self.stitcher.height
+        if finished > self.stitcher.top:
+            start, rows = self.stitcher.release(finished)
+            for y, out in self.resampler.push(start, rows):
+                self.sink.write(y, out)

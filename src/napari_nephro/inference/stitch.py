@@ -1,0 +1,151 @@
+"""Seamless stitching of overlapping tile predictions, streamed row band by row band.
+
+Each tile's probabilities are weighted by a window that is 1 in its middle and falls
+smoothly (sin^2) to nearly 0 across the overlap, so where two tiles overlap their
+weights sum to one and the result slides from one tile's opinion to the other's
+with no step. Rows are released as soon as no later tile can touch them, which keeps
+memory at one band of tiles whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+WINDOW_FLOOR = 1e-3  # a tile alone at the region's edge still counts
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """(tile, tile) float32 weights: the outer product of a 1-D ramp that is 1 away from the overlaps."""
+    ramp = np.ones(tile, np.float32)
+    if overlap:
+        rise = np.sin(np.pi / 2 * (np.arange(overlap) + 0.5) / overlap) ** 2
+        ramp[:overlap] = np.minimum(ramp[:overlap], rise)
+        ramp[tile - overlap :] = np.minimum(ramp[tile - overlap :], rise[::-1])
+    ramp = np.maximum(ramp, WINDOW_FLOOR)
+    return np.outer(ramp, ramp)
+
+
+class RowStitcher:
+    """Weighted sums of tile probabilities over a band of working-grid rows.
+
+    `add` tiles in grid order; `release(y)` hands back the normalised rows above
+    `y` once every tile touching them has been added. Pixels no tile covered (glass
+    that was skipped) are background.
+    """
+
+    def __init__(self, shape: tuple[int, int], channels: int, tile: int, overlap: int, top: int = 0) -> None:
+        self.height, self.width = shape
+        self.channels, self.tile = channels, tile
+        self.window = blend_window(tile, overlap)
+        self.top = top  # first row still held
+        self.width_held = max(self.width, tile)  # a region narrower than a tile still takes whole tiles
+        self._sum = np.zeros((channels, 0, self.width_held), np.float32)
+        self._weight = np.zeros((0, self.width_held), np.float32)
+
+    def add(self, y: int, x: int, probs: np.ndarray) -> None:
+        if y < self.top:
+            raise ValueError(f"tile at row {y} arrives after rows up to {self.top} were released")
+        self._hold_to(y + self.tile)
+        r, t = y - self.top, self.tile
+        self._sum[:, r : r + t, x : x + t] += probs * self.window
+        self._weight[r : r + t, x : x + t] += self.window
+
+    def release(self, upto: int) -> tuple[int, np.ndarray]:
+        """(first row, probabilities (C, rows, width)) of rows [top, upto), now final, then forgotten."""
+        upto = min(max(upto, self.top), self.height)
+        n = upto - self.top
+        self._hold_to(upto)
+        weight = self._weight[:n, : self.width]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            probs = self._sum[:, :n, : self.width] / weight
+        uncovered = weight == 0
+        if uncovered.any():
+            probs[:, uncovered] = 0
+            if self.channels > 1:
+                probs[0][uncovered] = 1  # background channel
+        start, self.top = self.top, upto
+        self._sum, self._weight = self._sum[:, n:].copy(), self._weight[n:].copy()
+        return start, probs
+
+    def _hold_to(self, bottom: int) -> None:
+        extra = bottom - self.top - self._weight.shape[0]
+        if extra > 0:
+            self._sum = np.concatenate([self._sum, np.zeros((self.channels, extra, self.width_held), np.float32)], 1)
+            self._weight = np.concatenate([self._weight, np.zeros((extra, self.width_held), np.float32)], 0)
+
+
+def _linear_taps(n_out: int, n_in: int, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear interpolation from n_in to n_out pixels (pixel centres aligned)."""
+    t = (np.arange(n_out) + 0.5) * ratio - 0.5
+    t = np.clip(t, 0, n_in - 1)
+    i0 = np.floor(t).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (t - i0).astype(np.float32)
+
+
+class RowResampler:
+    """Linear resampling of released working rows onto the output grid, row band by row band.
+
+    An output row needs two working rows, so it is emitted only once both are
+    released; the working rows no later output row needs are dropped.
+    """
+
+    COLUMN_BLOCK = 4096  # resample this many output columns at a time: bounded temporaries
+
+    def __init__(self, work_shape: tuple[int, int], out_shape: tuple[int, int], ratio: float, first: int = 0) -> None:
+        (self.work_h, work_w), (self.out_h, self.out_w) = work_shape, out_shape
+        self.y0, self.y1, self.yw = _linear_taps(self.out_h, self.work_h, ratio)
+        self.x0, self.x1, self.xw = _linear_taps(self.out_w, work_w, ratio)
+        self.next = first  # next output row to emit
+        self._rows: np.ndarray | None = None  # held working rows
+        self._top = 0  # working row index of self._rows[:, 0]
+
+    def first_work_row(self) -> int:
+        """The first working row the remaining output rows need (where a resumed run restarts)."""
+        return int(self.y0[self.next]) if self.next < self.out_h else self.work_h
+
+    def push(self, start: int, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Take working rows [start, start + n); yield (first output row, probabilities) that became computable."""
+        if self._rows is None or self._rows.shape[1] == 0:
+            self._rows, self._top = rows, start
+        else:
+            self._rows = np.concatenate([self._rows, rows], axis=1)
+        available = self._top + self._rows.shape[1]
+        stop = self.next
+        while stop < self.out_h and self.y1[stop] < available:
+            stop += 1
+        if stop > self.next:
+            yield self.next, self._resample(self.next, stop)
+            self.next = stop
+        keep_from = self.first_work_row() - self._top
+        if keep_from > 0:
+            self._rows = self._rows[:, keep_from:]
+            self._top += keep_from
+
+    def _resample(self, a: int, b: int) -> np.ndarray:
+        held = self._rows
+        wy = self.yw[a:b, None]
+        top = held[:, self.y0[a:b] - self._top]
+        bottom = held[:, self.y1[a:b] - self._top]
+        rows = top * (1 - wy) + bottom * wy  # (C, b - a, work_w)
+        out = np.empty((rows.shape[0], b - a, self.out_w), np.float32)
+        for c0 in range(0, self.out_w, self.COLUMN_BLOCK):
+            c1 = min(c0 + self.COLUMN_BLOCK, self.out_w)
+            wx = self.xw[c0:c1]
+            out[:, :, c0:c1] = rows[:, :, self.x0[c0:c1]] * (1 - wx) + rows[:, :, self.x1[c0:c1]] * wx
+        return out
+
+
+def to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class ids (0 background, 1.. classes) from (C, H, W) probabilities.
+
+    One channel: foreground where p >= threshold. Several (background first): a pixel
+    is foreground where 1 - p(background) >= threshold, and takes its likeliest class.
+    """
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    foreground = (1 - probs[0]) >= threshold
+    classes = np.argmax(probs[1:], axis=0).astype(np.uint8) + 1
+    return np.where(foreground, classes, 0).astype(np.uint8)

@@ -1,0 +1,345 @@
+""" "Segment" dock widget: a checkpoint over the view, a drawn rectangle, or the whole slide.
+
+The run happens in a napari `thread_worker`; progress comes back through a Qt
+signal (queued to the GUI thread) and napari's own progress bar, Cancel is checked
+between batches, and the result is a Labels layer placed exactly over the slide.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..inference import Progress, SegmentError, partial_path
+from ..io import SlideError
+from ..models import ModelError
+
+if TYPE_CHECKING:
+    import napari
+
+WHERE = ("visible field of view", "Shapes rectangle", "whole slide")
+REGION_PIXELS = 16 * 2**20  # a region result beyond this is shown at a coarser scale
+ERRORS = (SegmentError, ModelError, SlideError, OSError)
+
+
+class SegmentWidget(QWidget):
+    progressed = Signal(object)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.slide_combo = QComboBox()
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("checkpoint folder (config.json + model.safetensors)")
+        self.browse_button = QPushButton("Browse…")
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.where_combo = QComboBox()
+        self.where_combo.addItems(WHERE)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.batch_spin = QSpinBox(minimum=1, maximum=256, value=4)
+        self.threshold_spin = QDoubleSpinBox(decimals=2, minimum=0.01, maximum=0.99, singleStep=0.05, value=0.5)
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("whole slide: OME-Zarr to write (default beside the slide)")
+        self.overwrite_check = QCheckBox("replace an existing result")
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_edit)
+        model_row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_combo)
+        form.addRow("Model", model_row)
+        form.addRow("", self.model_info)
+        form.addRow("Where", self.where_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Batch size", self.batch_spin)
+        form.addRow("Threshold", self.threshold_spin)
+        form.addRow("Whole-slide output", self.out_edit)
+        form.addRow("", self.overwrite_check)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+        self._segmenter = None
+        self._segmenter_key: tuple[str, str] | None = None
+        self._cancel = threading.Event()
+        self._worker = None
+        self._bar = None
+        self.result_layer = None
+        self.browse_button.clicked.connect(self._browse)
+        self.model_edit.editingFinished.connect(self._describe_model)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progressed.connect(self._show_progress)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    # -- choices -------------------------------------------------------------
+    def _slide_layers(self):
+        return [layer for layer in self.viewer.layers if "slide" in layer.metadata]
+
+    def _refresh(self, *_: object) -> None:
+        current = self.slide_combo.currentText()
+        names = [layer.name for layer in self._slide_layers()]
+        self.slide_combo.clear()
+        self.slide_combo.addItems(names)
+        if current in names:
+            self.slide_combo.setCurrentText(current)
+
+    def slide_layer(self):
+        return next((lyr for lyr in self._slide_layers() if lyr.name == self.slide_combo.currentText()), None)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Checkpoint folder")
+        if folder:
+            self.model_edit.setText(folder)
+            self._describe_model()
+
+    def _describe_model(self) -> None:
+        from ..models import ModelConfig
+
+        text = self.model_edit.text().strip()
+        if not text:
+            return
+        try:
+            config = ModelConfig.from_file(Path(text) / "config.json")
+        except ModelError as exc:
+            self.model_info.setText(str(exc))
+            return
+        self.model_info.setText(
+            f"{config.arch} ({config.encoder}), classes: {', '.join(config.classes)}; "
+            f"{config.tile_size} px tiles at {config.mpp:g} um/px, network input {config.input_size} px"
+        )
+
+    def segmenter(self):
+        """The checkpoint, loaded once per folder and device."""
+        from ..models import TorchSegmenter
+
+        key = (self.model_edit.text().strip(), self.device_combo.currentText())
+        if not key[0]:
+            raise ModelError("choose a checkpoint folder first")
+        if self._segmenter is None or key != self._segmenter_key:
+            self._segmenter = TorchSegmenter.from_checkpoint(key[0], device=key[1])
+            self._segmenter_key = key
+        return self._segmenter
+
+    def region(self, layer) -> tuple[float, float, float, float] | None:
+        """The level-0 box (x, y, w, h) to segment; None for the whole slide."""
+        where = self.where_combo.currentText()
+        if where == "whole slide":
+            return None
+        if where == "Shapes rectangle":
+            return _rectangle(self.viewer, layer)
+        return _field_of_view(layer)
+
+    def output_path(self, layer) -> Path:
+        text = self.out_edit.text().strip()
+        if text:
+            return Path(text)
+        slide = layer.metadata["slide"]
+        model = Path(self.model_edit.text().strip()).name or "segmentation"
+        return Path(slide.source).with_name(f"{Path(slide.source).stem}.{model}.zarr")
+
+    # -- running ---------------------------------------------------------------
+    def run(self) -> None:
+        from napari.qt.threading import create_worker
+
+        layer = self.slide_layer()
+        if layer is None:
+            self.status.setText("Open a slide first.")
+            return
+        try:
+            segmenter = self.segmenter()
+            job = self._job(layer, segmenter)
+        except ERRORS as exc:
+            self.status.setText(str(exc))
+            return
+        self._cancel.clear()
+        self._worker = create_worker(job)
+        self._worker.returned.connect(lambda result: self._finished(layer, segmenter, result))
+        self._worker.errored.connect(self._failed)
+        self._worker.finished.connect(self._idle)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("Planning tiles…")
+        self._worker.start()
+
+    def _job(self, layer, segmenter):
+        """The work for the thread, with every question about the inputs already answered here."""
+        from ..inference import segment_region, segment_slide
+
+        slide = layer.metadata["slide"]
+        if slide.mpp is None:
+            raise SegmentError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
+        common = {
+            "threshold": self.threshold_spin.value(),
+            "batch_size": self.batch_spin.value(),
+            "progress": self.progressed.emit,
+            "cancel": self._cancel.is_set,
+        }
+        region = self.region(layer)
+        if region is None:
+            out = self.output_path(layer)
+            resume = partial_path(out).exists() and not self.overwrite_check.isChecked()
+            overwrite = self.overwrite_check.isChecked()
+            return lambda: ("slide", segment_slide(slide, segmenter, out, resume=resume, overwrite=overwrite, **common))
+        _, _, w, h = region
+        downsample = 2 ** max(0, math.ceil(math.log2(math.sqrt(w * h / REGION_PIXELS)))) if w * h else 1
+        return lambda: ("region", segment_region(slide, segmenter, region, out_downsample=downsample, **common))
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self.status.setText("Cancelling after the current batch…")
+
+    def _show_progress(self, p: Progress) -> None:
+        from napari.utils import progress
+
+        if self._bar is None:
+            self._bar = progress(total=p.total, desc="Segment")
+        self._bar.update(p.done - self._bar.n)
+        eta = "" if p.eta_seconds is None else f", about {_duration(p.eta_seconds)} left"
+        self.status.setText(f"{p.done} / {p.total} tiles, {p.tiles_per_second:.2f} tiles/s{eta}")
+
+    def _finished(self, layer, segmenter, outcome) -> None:
+        kind, result = outcome
+        stats = result.stats
+        note = f"{stats.tiles} tiles ({stats.skipped} glass skipped) in {_duration(stats.seconds)}"
+        if kind == "slide":
+            if result.path is None:
+                self.status.setText(
+                    f"Cancelled: {result.rows_done} of {result.rows} rows kept in {result.partial.name}; Run resumes."
+                )
+                return
+            self.result_layer = self._add_slide_result(layer, segmenter, result.path)
+            self.status.setText(f"Done: {result.path} ({note}).")
+            return
+        if not stats.complete:
+            self.status.setText("Cancelled: nothing added.")
+            return
+        self.result_layer = self._add_region_result(layer, segmenter, result)
+        self.status.setText(f"Done: {self.result_layer.name} ({note}).")
+
+    def _add_region_result(self, layer, segmenter, result):
+        x, y, _, _ = result.region
+        scale, translate = aligned(layer, (y, x), result.out_downsample)
+        values = sorted(result.classes)
+        return self.viewer.add_labels(
+            result.array,
+            name=f"{_model_name(self)} segmentation",
+            scale=scale,
+            translate=translate,
+            units=tuple(str(u) for u in layer.units),
+            features={"index": values, "class": [result.classes[v] for v in values]},
+            metadata={"classes": result.classes, "region": result.region},
+        )
+
+    def _add_slide_result(self, layer, segmenter, path: Path):
+        from ..annotations.omezarr import read_label_zarr
+
+        pyramid = read_label_zarr(path)
+        downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
+        scale, translate = aligned(layer, (0, 0), downsample)
+        values = sorted(pyramid.classes)
+        return self.viewer.add_labels(
+            pyramid.levels,
+            multiscale=True,
+            name=path.name,
+            scale=scale,
+            translate=translate,
+            units=tuple(str(u) for u in layer.units),
+            features={"index": values, "class": [pyramid.classes[v] for v in values]},
+            metadata={"classes": pyramid.classes, "path": str(path)},
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        self.status.setText(str(exc) if isinstance(exc, ERRORS) else f"Failed: {exc.__class__.__name__}: {exc}")
+
+    def _idle(self) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def aligned(layer, origin_yx: tuple[float, float], downsample: float) -> tuple[tuple, tuple]:
+    """Scale and translate that put a result's pixel (0, 0) over level-0 pixel `origin_yx` of the slide layer.
+
+    A result pixel covers `downsample` level-0 pixels; napari places a pixel by its
+    centre, so the translate carries half a result pixel less half a level-0 pixel.
+    """
+    scale = np.asarray(layer.scale[-2:], float)
+    translate = np.asarray(layer.translate[-2:], float)
+    origin = np.asarray(origin_yx, float) + (downsample - 1) / 2
+    return tuple(scale * downsample), tuple(translate + scale * origin)
+
+
+def _field_of_view(layer) -> tuple[float, float, float, float]:
+    """The part of the slide on screen, in level-0 pixels (napari keeps it per layer as corner pixels)."""
+    corners = np.asarray(layer.corner_pixels, float)[:, -2:]
+    factor = np.asarray(layer.downsample_factors[layer.data_level][-2:], float) if layer.multiscale else 1.0
+    (y0, x0), (y1, x1) = corners[0] * factor, (corners[1] + 1) * factor
+    if x1 - x0 <= 1 or y1 - y0 <= 1:
+        raise SegmentError("the view shows nothing of the slide: pan or zoom onto it first")
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _rectangle(viewer, slide_layer) -> tuple[float, float, float, float]:
+    """The selected rectangle of the active Shapes layer (else its last one), as a level-0 box."""
+    from napari.layers import Shapes
+
+    layer = viewer.layers.selection.active
+    if not isinstance(layer, Shapes):
+        layer = next((lyr for lyr in reversed(viewer.layers) if isinstance(lyr, Shapes)), None)
+    if layer is None or not len(layer.data):
+        raise SegmentError("draw a rectangle in a Shapes layer first (or choose another 'Where')")
+    index = max(layer.selected_data) if layer.selected_data else len(layer.data) - 1
+    world = np.asarray([layer.data_to_world(p) for p in np.asarray(layer.data[index])[:, -2:]])
+    pixels = np.asarray([slide_layer.world_to_data(p) for p in world])[:, -2:]
+    (y0, x0), (y1, x1) = pixels.min(axis=0), pixels.max(axis=0)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise SegmentError("the chosen shape has no area")
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _model_name(widget: SegmentWidget) -> str:
+    return Path(widget.model_edit.text().strip()).name or "model"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
