@@ -161,7 +161,7 @@ class SegmentWidget(QWidget):
             return None
         if where == "Shapes rectangle":
             return _rectangle(self.viewer, layer)
-        return _field_of_view(layer)
+        return _field_of_view(self.viewer, layer)
 
     def output_path(self, layer) -> Path:
         text = self.out_edit.text().strip()
@@ -305,12 +305,17 @@ def aligned(layer, origin_yx: tuple[float, float], downsample: float) -> tuple[t
     return tuple(scale * downsample), tuple(translate + scale * origin)
 
 
-def _field_of_view(layer) -> tuple[float, float, float, float]:
-    """The part of the slide on screen, in level-0 pixels (napari keeps it per layer as corner pixels)."""
-    corners = np.asarray(layer.corner_pixels, float)[:, -2:]
-    factor = np.asarray(layer.downsample_factors[layer.data_level][-2:], float) if layer.multiscale else 1.0
-    (y0, x0), (y1, x1) = corners[0] * factor, (corners[1] + 1) * factor
-    if x1 - x0 <= 1 or y1 - y0 <= 1:
+def _field_of_view(viewer, layer) -> tuple[float, float, float, float]:
+    """The part of the slide on screen, in level-0 pixels: the camera's centre and zoom over the canvas size."""
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 moved it
+    size = viewer.canvas.size if hasattr(viewer, "canvas") else viewer._canvas_size  # (height, width) on screen
+    half = np.asarray(size, float) / camera.zoom / 2  # world units, (y, x)
+    center = np.asarray(camera.center[-2:], float)
+    corners = [layer.world_to_data(center + sign * half)[-2:] for sign in (-1, 1)]
+    (y0, x0), (y1, x1) = np.minimum(*corners), np.maximum(*corners)
+    height, width = layer.metadata["slide"].level_shapes[0]
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if x1 - x0 < 1 or y1 - y0 < 1:
         raise SegmentError("the view shows nothing of the slide: pan or zoom onto it first")
     return (x0, y0, x1 - x0, y1 - y0)
 

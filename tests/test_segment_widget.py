@@ -1,0 +1,116 @@
+"""The Segment dock widget in napari: a rectangle, the field of view, the whole slide, cancel and resume."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_nephro.cli import main
+from napari_nephro.inference import partial_path
+from napari_nephro.io import open_slide
+from napari_nephro.layers import slide_layer_data
+from napari_nephro.sample import SAMPLE_MPP, SAMPLE_SHAPE, sample_slide_path
+from napari_nephro.widgets.segment import SegmentWidget
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "unet-small"
+    args = ["model", "init", "--arch", "unet", "--encoder", "resnet18", "--out", str(out)]
+    assert main([*args, "--tile", "512", "--overlap", "128", "--input", "128"]) == 0
+    return out
+
+
+@pytest.fixture
+def widget(make_napari_viewer, small_checkpoint):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = slide_layer_data(open_slide(sample_slide_path()))
+    viewer.add_image(data, **kwargs)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model_edit.setText(str(small_checkpoint))
+    widget._describe_model()
+    return widget
+
+
+def run_and_wait(widget, qtbot, timeout=120_000):
+    seen = []
+    widget.progressed.connect(lambda p: seen.append((p.done, widget._worker is not None)))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=timeout)
+    return seen
+
+
+def test_a_rectangle_becomes_an_aligned_labels_layer(widget, qtbot):
+    viewer = widget.viewer
+    assert "unet" in widget.model_info.text() and "512 px tiles" in widget.model_info.text()
+    x0, y0, x1, y1 = 1000, 800, 1600, 1200  # level-0 pixels
+    viewer.add_shapes([np.array([[y0, x0], [y1, x1]]) * SAMPLE_MPP], shape_type="rectangle", name="roi")
+    widget.where_combo.setCurrentText("Shapes rectangle")
+    progress = run_and_wait(widget, qtbot)
+    assert progress, "progress must reach the GUI while the worker runs"
+    layer = widget.result_layer
+    assert layer is not None and layer.name == "unet-small segmentation", widget.status.text()
+    assert layer.data.shape == (y1 - y0, x1 - x0)
+    slide_layer = viewer.layers[0]
+    np.testing.assert_allclose(layer.scale, slide_layer.scale)
+    # the label pixel (0, 0) lies over slide pixel (y0, x0), and the far corner over the far corner
+    np.testing.assert_allclose(slide_layer.world_to_data(layer.data_to_world((0, 0))), (y0, x0))
+    np.testing.assert_allclose(slide_layer.world_to_data(layer.data_to_world((399, 599))), (y1 - 1, x1 - 1))
+    assert list(layer.features["class"]) == ["glomerulus"]
+    assert "Done" in widget.status.text()
+
+
+def test_the_field_of_view_is_what_is_on_screen(widget, qtbot):
+    viewer = widget.viewer
+    camera = viewer.scene.camera
+    camera.center = (1000 * SAMPLE_MPP, 1500 * SAMPLE_MPP)
+    camera.zoom = 2 / SAMPLE_MPP  # 2 screen pixels per level-0 pixel: a small part of the slide
+    height, width = viewer.canvas.size
+    x, y, w, h = widget.region(viewer.layers[0])
+    assert (w, h) == pytest.approx((width / 2, height / 2))
+    assert (x + w / 2, y + h / 2) == pytest.approx((1500, 1000))
+    run_and_wait(widget, qtbot)
+    layer = widget.result_layer
+    assert layer is not None, widget.status.text()
+    np.testing.assert_allclose(viewer.layers[0].world_to_data(layer.data_to_world((0, 0))), (y, x), atol=1)
+
+
+def test_whole_slide_gives_a_multiscale_layer_and_cancel_then_resume(widget, qtbot, tmp_path):
+    out = tmp_path / "whole.zarr"
+    widget.where_combo.setCurrentText("whole slide")
+    widget.out_edit.setText(str(out))
+    segmenter = widget.segmenter()
+    real_predict = segmenter.predict
+
+    def slow(tiles):
+        time.sleep(0.3)
+        return real_predict(tiles)
+
+    segmenter.predict = slow
+    widget.progressed.connect(lambda p: widget.cancel() if p.done >= 6 else None)
+    run_and_wait(widget, qtbot)
+    assert "Cancelled" in widget.status.text() and partial_path(out).exists() and not out.exists()
+    assert widget.result_layer is None
+
+    widget.progressed.disconnect()
+    widget.progressed.connect(widget._show_progress)
+    run_and_wait(widget, qtbot)
+    layer = widget.result_layer
+    assert layer is not None and out.exists() and not partial_path(out).exists(), widget.status.text()
+    assert layer.multiscale and layer.data[0].shape == SAMPLE_SHAPE
+    np.testing.assert_allclose(layer.scale, widget.viewer.layers[0].scale)
+
+
+def test_mistakes_are_shown_not_raised(widget, qtbot, tmp_path):
+    widget.where_combo.setCurrentText("Shapes rectangle")
+    widget.run()
+    assert "draw a rectangle" in widget.status.text() and widget.run_button.isEnabled()
+    widget.model_edit.setText(str(tmp_path))
+    widget._describe_model()
+    assert "not a checkpoint folder" in widget.model_info.text()
+    widget.where_combo.setCurrentText("whole slide")
+    widget.run()
+    assert "not a checkpoint folder" in widget.status.text()
