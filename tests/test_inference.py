@@ -204,9 +204,14 @@ def test_a_region_file_keeps_the_slide_extent(disc_slide, tmp_path):
     assert not labels[600:].any() and not labels[:, 600:].any()  # nothing computed outside the region
 
 
+def levels_of(path) -> list[np.ndarray]:
+    return [np.asarray(level) for level in read_label_zarr(path).levels]
+
+
 def test_cancel_keeps_finished_rows_and_resume_completes_identically(disc_slide, tmp_path):
     slide = open_slide(disc_slide)
-    reference = np.asarray(read_label_zarr(segment_slide(slide, Darkness(), tmp_path / "ref.zarr").path).levels[0])
+    reference_levels = levels_of(segment_slide(slide, Darkness(), tmp_path / "ref.zarr").path)
+    reference = reference_levels[0]
 
     out = tmp_path / "run.zarr"
     first = Darkness(cancel_after=12)
@@ -225,7 +230,27 @@ def test_cancel_keeps_finished_rows_and_resume_completes_identically(disc_slide,
     finished = segment_slide(slide, second, out, resume=True, batch_size=2)
     assert finished.path == out and not partial_path(out).exists()
     assert second.calls * 2 < result.stats.tiles - result.stats.skipped + 2  # only the rest was predicted
-    assert np.array_equal(np.asarray(read_label_zarr(out).levels[0]), reference)
+    for level, expected in zip(levels_of(out), reference_levels, strict=True):
+        assert np.array_equal(level, expected)
+
+
+def test_a_killed_run_rebuilds_the_coarse_levels_it_had_not_written(disc_slide, tmp_path, monkeypatch):
+    """A kill loses what the coarse levels held in memory; resume rebuilds it from level 0 on disk."""
+    from napari_nephro.inference import output
+
+    slide = open_slide(disc_slide)
+    reference = levels_of(segment_slide(slide, Darkness(), tmp_path / "ref.zarr").path)
+    out = tmp_path / "run.zarr"
+    real_flush = output._LevelWriter.flush
+    monkeypatch.setattr(output._LevelWriter, "flush", lambda self: real_flush(self) if self.factor == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(slide, Darkness(fail_after=30), out, batch_size=1)
+    monkeypatch.setattr(output._LevelWriter, "flush", real_flush)
+    record = json.loads((partial_path(out) / ".zattrs").read_text())["napari-nephro-run"]
+    assert record["rows_done"] > 0 and record["levels_done"][1] * 2 < record["rows_done"]  # level 1 lags
+    segment_slide(slide, Darkness(), out, resume=True)
+    for level, expected in zip(levels_of(out), reference, strict=True):
+        assert np.array_equal(level, expected)
 
 
 def test_an_interrupted_run_is_kept_and_resumed(disc_slide, tmp_path):

@@ -151,7 +151,9 @@ def segment_slide(
         }
         from ..annotations.omezarr import _metadata
 
-        ngff = _metadata(record["name"], [1], mpp * d, classes)
+        def ngff(factors):
+            return _metadata(record["name"], factors, mpp * d, classes)
+
         store = ZarrRunStore.create(partial, full, offset, record, ngff, threshold)
     stats = run_tiles(
         slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel

@@ -22,7 +22,7 @@ from .stitch import to_labels
 
 RUN_KEY = "napari-nephro-run"
 OUTPUT_SUFFIXES = (".zarr", ".tif", ".tiff", ".geojson")
-CHUNK = 1024
+CHUNK = 1024  # chunk side; up to this many rows per level are buffered before a write
 
 
 class Sink(Protocol):
@@ -89,11 +89,61 @@ def _describe_progress(partial: Path) -> str:
         return "progress unknown"
 
 
-class ZarrRunStore:
-    """A run's label image at level 0, written in whole chunk rows, with its progress recorded.
+class _LevelWriter:
+    """One pyramid level of a run store, fed level-0 bands, written in whole chunk rows.
 
-    The record (plan, model, threshold, rows done) is rewritten after each band, after
-    the band's pixels, so a killed run's record never claims rows it did not write.
+    Level k takes every 2**k-th row and column of level 0 (nearest: class ids stay
+    class ids), so every level is finished as the run goes and no pass over level 0
+    is needed at the end.
+    """
+
+    def __init__(self, array, factor: int, first_row: int, x_offset: int) -> None:
+        self.array, self.factor = array, factor
+        self.top = first_row  # level row of the first buffered row (absolute)
+        self.col = -(-x_offset // factor)  # first level column the region reaches
+        self.skip = self.col * factor - x_offset  # its column in a band
+        self._held: list[np.ndarray] = []
+
+    @property
+    def done(self) -> int:
+        return self.top  # rows above the buffer are on disk
+
+    def add(self, y0: int, band: np.ndarray) -> None:
+        """Level-0 rows [y0, y0 + len(band)) of the region's columns (absolute row numbers)."""
+        f = self.factor
+        j0, j1 = -(-y0 // f), -(-(y0 + len(band)) // f)
+        if j1 <= j0:
+            return
+        if j0 != self.top + sum(len(h) for h in self._held):
+            raise ValueError(f"level rows must arrive in order: got {j0}")
+        self._held.append(band[j0 * f - y0 :: f, self.skip :: f][: j1 - j0])
+        held = sum(len(h) for h in self._held)
+        whole = (self.top + held) // CHUNK * CHUNK - self.top  # up to a chunk boundary: each chunk written once
+        if whole > 0:
+            self._write(whole)
+
+    def flush(self) -> None:
+        held = sum(len(h) for h in self._held)
+        if held:
+            self._write(held)
+
+    def _write(self, n: int) -> None:
+        rows = np.concatenate(self._held, axis=0) if len(self._held) > 1 else self._held[0]
+        height, width = self.array.shape
+        h, w = min(n, height - self.top), min(rows.shape[1], width - self.col)
+        if h > 0 and w > 0:
+            self.array[self.top : self.top + h, self.col : self.col + w] = rows[:h, :w]
+        self._held = [rows[n:]] if n < len(rows) else []
+        self.top += n
+
+
+class ZarrRunStore:
+    """A run's label pyramid, written in whole chunk rows as bands arrive, with its progress recorded.
+
+    The record (plan, model, threshold, rows done per level) is rewritten after
+    each write, after the pixels, so a killed run's record never claims rows it
+    did not write. `rows_done` counts the region's rows on disk at level 0; coarser
+    levels, which buffer more rows per chunk, are caught up from level 0 on resume.
     """
 
     def __init__(self, path: Path, group, record: dict, threshold: float) -> None:
@@ -101,24 +151,41 @@ class ZarrRunStore:
         self.array = group["0"]
         self.offset = tuple(record["offset"])  # where the region's output rows start in the slide-sized image
         self.rows_done = int(record["rows_done"])
-        self._buffer: list[np.ndarray] = []
-        self._buffer_top = self.rows_done
+        start = self.offset[0] + self.rows_done  # absolute level-0 row to continue from
+        factors = record["levels"]
+        self.levels = [_LevelWriter(group[str(k)], f, -(-start // f), self.offset[1]) for k, f in enumerate(factors)]
+        self._catch_up(record.get("levels_done", [start // f for f in factors]), start)
 
     @classmethod
     def create(
-        cls, path: Path, shape: tuple[int, int], offset: tuple[int, int], record: dict, ngff: dict, threshold: float
+        cls, path: Path, shape: tuple[int, int], offset: tuple[int, int], record: dict, ngff, threshold: float
     ) -> ZarrRunStore:
-        """A store holding the whole slide's extent (`shape`), of which the run fills its region at `offset`."""
+        """A store holding the whole slide's extent (`shape`), of which the run fills its region at `offset`.
+
+        `ngff(factors)` gives the multiscale metadata for the levels made.
+        """
         import zarr
+        from numcodecs import Blosc
+
+        from ..annotations.label_source import level_downsamples, level_shape
 
         if path.exists():
             shutil.rmtree(path)
         group = zarr.open_group(store=str(path), mode="w", zarr_format=2)
-        chunks = (min(CHUNK, shape[0]), min(CHUNK, shape[1]))
-        array = group.create_array("0", shape=shape, chunks=chunks, dtype=np.uint8, fill_value=0)
-        array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
-        record = {**record, "offset": list(offset), "rows_done": 0, "complete": False}
-        group.attrs.update({**ngff, RUN_KEY: record})
+        factors = level_downsamples(shape)
+        for k, f in enumerate(factors):
+            level = level_shape(shape, f)
+            array = group.create_array(
+                str(k),
+                shape=level,
+                chunks=(min(CHUNK, level[0]), min(CHUNK, level[1])),
+                dtype=np.uint8,
+                fill_value=0,
+                compressors=Blosc(cname="zstd", clevel=1, shuffle=Blosc.NOSHUFFLE),
+            )
+            array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
+        record = {**record, "offset": list(offset), "levels": factors, "rows_done": 0, "complete": False}
+        group.attrs.update({**ngff(factors), RUN_KEY: record})
         return cls(path, group, record, threshold)
 
     @classmethod
@@ -139,31 +206,36 @@ class ZarrRunStore:
             )
         return cls(path, group, record, threshold)
 
+    def _catch_up(self, levels_done: list[int], start: int) -> None:
+        """After a kill, coarse levels may lag level 0: rebuild their missing rows from level 0 on disk."""
+        for writer, done in zip(self.levels[1:], levels_done[1:], strict=True):
+            f = writer.factor
+            if done * f >= start:
+                continue
+            y0 = done * f
+            band = np.asarray(self.array[y0:start, self.offset[1] :])
+            writer.top = done
+            writer.add(y0, band)
+            writer.flush()
+
     def write(self, y: int, probs: np.ndarray) -> None:
-        if y != self._buffer_top + sum(len(b) for b in self._buffer):
-            raise ValueError(f"rows must arrive in order: got {y}")
-        self._buffer.append(to_labels(probs, self.threshold))
-        held = sum(len(b) for b in self._buffer)
-        top = self.offset[0] + self._buffer_top
-        whole = (top + held) // CHUNK * CHUNK - top  # rows up to a chunk boundary: no chunk written twice
-        if whole > 0:
-            self._write_rows(whole)
+        labels = to_labels(probs, self.threshold)
+        y0 = self.offset[0] + y
+        for writer in self.levels:
+            writer.add(y0, labels)
+        self._record()
 
     def flush(self) -> None:
-        held = sum(len(b) for b in self._buffer)
-        if held:
-            self._write_rows(held)
+        for writer in self.levels:
+            writer.flush()
+        self._record()
 
-    def _write_rows(self, n: int) -> None:
-        rows = np.concatenate(self._buffer, axis=0)
-        top = self._buffer_top
-        (oy, ox), (height, width) = self.offset, self.array.shape
-        h, w = min(n, height - oy - top), min(rows.shape[1], width - ox)
-        if h > 0 and w > 0:
-            self.array[oy + top : oy + top + h, ox : ox + w] = rows[:h, :w]
-        self._buffer = [rows[n:]] if n < len(rows) else []
-        self._buffer_top = self.rows_done = top + n
-        self.update(rows_done=self.rows_done)
+    def _record(self) -> None:
+        done = [w.done for w in self.levels]
+        rows = max(0, min(done[0] - self.offset[0], int(self.record["rows"])))  # coarse levels catch up on resume
+        if done != self.record.get("levels_done") or rows != self.rows_done:
+            self.rows_done = rows
+            self.update(rows_done=rows, levels_done=done)
 
     def update(self, **values) -> None:
         self.record.update(values)
@@ -175,7 +247,6 @@ def finish(store: ZarrRunStore, out: Path, *, mpp: float | None, classes: dict[i
     store.update(complete=True)
     suffix = out.suffix.lower()
     if suffix == ".zarr":
-        _add_pyramid(store, mpp, classes)
         with atomic_output(out) as tmp:
             store.path.rename(tmp)
         return out
@@ -209,24 +280,3 @@ def objects_from_labels(labels, classes: dict[int, str], record: dict):
         for part in shapely.get_parts(ann.geometry):
             objects.append(Annotation(part, ann.label, "detection", {"area_px": float(part.area)}))
     return AnnotationSet(objects, classes=list(classes.values()))
-
-
-def _add_pyramid(store: ZarrRunStore, mpp: float | None, classes: dict[int, str]) -> None:
-    """Levels 1.. each from the one before (nearest: keeps class ids), and NGFF metadata for all."""
-    from ..annotations.label_source import ArrayLabels, level_downsamples, level_shape, tiles
-    from ..annotations.omezarr import _metadata
-
-    shape = store.array.shape
-    downsamples = level_downsamples(shape)
-    previous = store.array
-    for index, d in enumerate(downsamples[1:], start=1):
-        level = level_shape(shape, d)
-        array = store.group.create_array(
-            str(index), shape=level, chunks=(min(CHUNK, level[0]), min(CHUNK, level[1])), dtype=np.uint8, overwrite=True
-        )
-        array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
-        source = ArrayLabels(previous)
-        for y, x, h, w in tiles(level, CHUNK):
-            array[y : y + h, x : x + w] = source.tile(2, y, x, h, w)
-        previous = array
-    store.group.attrs.update(_metadata(store.record.get("name", "segmentation"), downsamples, mpp, classes))

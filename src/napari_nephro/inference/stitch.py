@@ -32,23 +32,23 @@ class RowStitcher:
 
     `add` tiles in grid order; `release(y)` hands back the normalised rows above
     `y` once every tile touching them has been added. Pixels no tile covered (glass
-    that was skipped) are background.
+    that was skipped) are background. The band is allocated once, one tile high
+    (rows above a tile row are released before it starts), and rows move up in place.
     """
 
     def __init__(self, shape: tuple[int, int], channels: int, tile: int, overlap: int, top: int = 0) -> None:
         self.height, self.width = shape
         self.channels, self.tile = channels, tile
         self.window = blend_window(tile, overlap)
-        self.top = top  # first row still held
-        self.width_held = max(self.width, tile)  # a region narrower than a tile still takes whole tiles
-        self._sum = np.zeros((channels, 0, self.width_held), np.float32)
-        self._weight = np.zeros((0, self.width_held), np.float32)
+        self.top = top  # first row held
+        width = max(self.width, tile)  # a region narrower than a tile still takes whole tiles
+        self._sum = np.zeros((channels, tile, width), np.float32)
+        self._weight = np.zeros((tile, width), np.float32)
 
     def add(self, y: int, x: int, probs: np.ndarray) -> None:
-        if y < self.top:
-            raise ValueError(f"tile at row {y} arrives after rows up to {self.top} were released")
-        self._hold_to(y + self.tile)
         r, t = y - self.top, self.tile
+        if r < 0 or r + t > self._weight.shape[0]:
+            raise ValueError(f"tile at row {y} is outside the held band starting at row {self.top}")
         self._sum[:, r : r + t, x : x + t] += probs * self.window
         self._weight[r : r + t, x : x + t] += self.window
 
@@ -56,24 +56,22 @@ class RowStitcher:
         """(first row, probabilities (C, rows, width)) of rows [top, upto), now final, then forgotten."""
         upto = min(max(upto, self.top), self.height)
         n = upto - self.top
-        self._hold_to(upto)
+        if n > self._weight.shape[0]:
+            raise ValueError(f"rows up to {upto} were never held (band starts at {self.top})")
         weight = self._weight[:n, : self.width]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            probs = self._sum[:, :n, : self.width] / weight
-        uncovered = weight == 0
-        if uncovered.any():
-            probs[:, uncovered] = 0
-            if self.channels > 1:
-                probs[0][uncovered] = 1  # background channel
+        covered = weight > 0
+        probs = np.zeros((self.channels, n, self.width), np.float32)
+        np.divide(self._sum[:, :n, : self.width], weight, out=probs, where=covered)
+        if self.channels > 1:
+            np.copyto(probs[0], 1, where=~covered)  # background channel
         start, self.top = self.top, upto
-        self._sum, self._weight = self._sum[:, n:].copy(), self._weight[n:].copy()
+        for band in (self._sum, self._weight[None]):  # move the rest up, clear the freed rows
+            height = band.shape[1]
+            for y in range(0, height - n, n):  # in steps of n rows: source and target never overlap, no temporary
+                m = min(n, height - n - y)
+                band[:, y : y + m] = band[:, y + n : y + n + m]
+            band[:, max(0, height - n) :] = 0
         return start, probs
-
-    def _hold_to(self, bottom: int) -> None:
-        extra = bottom - self.top - self._weight.shape[0]
-        if extra > 0:
-            self._sum = np.concatenate([self._sum, np.zeros((self.channels, extra, self.width_held), np.float32)], 1)
-            self._weight = np.concatenate([self._weight, np.zeros((extra, self.width_held), np.float32)], 0)
 
 
 def _linear_taps(n_out: int, n_in: int, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,15 +87,21 @@ class RowResampler:
     """Linear resampling of released working rows onto the output grid, row band by row band.
 
     An output row needs two working rows, so it is emitted only once both are
-    released; the working rows no later output row needs are dropped.
+    released; the working rows no later output row needs are dropped. Results come
+    in blocks of at most ROW_BLOCK rows, so a 100k-pixel-wide slide
+    never needs a band of level-0 floats in memory.
     """
 
-    COLUMN_BLOCK = 4096  # resample this many output columns at a time: bounded temporaries
+    ROW_BLOCK = 128
+    COLUMN_BLOCK = 8192
 
     def __init__(self, work_shape: tuple[int, int], out_shape: tuple[int, int], ratio: float, first: int = 0) -> None:
-        (self.work_h, work_w), (self.out_h, self.out_w) = work_shape, out_shape
+        (self.work_h, self.work_w), (self.out_h, self.out_w) = work_shape, out_shape
+        self.ratio = ratio  # working pixels per output pixel
         self.y0, self.y1, self.yw = _linear_taps(self.out_h, self.work_h, ratio)
-        self.x0, self.x1, self.xw = _linear_taps(self.out_w, work_w, ratio)
+        self.x0, self.x1, self.xw = _linear_taps(self.out_w, self.work_w, ratio)
+        # Pillow's bilinear resize is this interpolation, 8x faster, when upsampling inside the image
+        self.fast = ratio <= 1 and self.out_w * ratio <= self.work_w and self.out_h * ratio <= self.work_h
         self.next = first  # next output row to emit
         self._rows: np.ndarray | None = None  # held working rows
         self._top = 0  # working row index of self._rows[:, 0]
@@ -116,26 +120,43 @@ class RowResampler:
         stop = self.next
         while stop < self.out_h and self.y1[stop] < available:
             stop += 1
-        if stop > self.next:
-            yield self.next, self._resample(self.next, stop)
-            self.next = stop
+        for a in range(self.next, stop, self.ROW_BLOCK):
+            b = min(a + self.ROW_BLOCK, stop)
+            yield a, self._resample(a, b)
+        self.next = stop
         keep_from = self.first_work_row() - self._top
         if keep_from > 0:
             self._rows = self._rows[:, keep_from:]
             self._top += keep_from
 
     def _resample(self, a: int, b: int) -> np.ndarray:
-        held = self._rows
-        wy = self.yw[a:b, None]
-        top = held[:, self.y0[a:b] - self._top]
-        bottom = held[:, self.y1[a:b] - self._top]
-        rows = top * (1 - wy) + bottom * wy  # (C, b - a, work_w)
-        out = np.empty((rows.shape[0], b - a, self.out_w), np.float32)
+        out = np.empty((self._rows.shape[0], b - a, self.out_w), np.float32)
         for c0 in range(0, self.out_w, self.COLUMN_BLOCK):
             c1 = min(c0 + self.COLUMN_BLOCK, self.out_w)
-            wx = self.xw[c0:c1]
-            out[:, :, c0:c1] = rows[:, :, self.x0[c0:c1]] * (1 - wx) + rows[:, :, self.x1[c0:c1]] * wx
+            out[:, :, c0:c1] = self._block_fast(a, b, c0, c1) if self.fast else self._block(a, b, c0, c1)
         return out
+
+    def _block_fast(self, a: int, b: int, c0: int, c1: int) -> np.ndarray:
+        from PIL import Image
+
+        r = self.ratio
+        # the held rows and columns this block reads, with a margin: Pillow copies what it is given
+        ya, yb = max(0, int(a * r) - self._top - 2), min(self._rows.shape[1], int(b * r) - self._top + 3)
+        xa, xb = max(0, int(c0 * r) - 2), min(self.work_w, int(c1 * r) + 3)
+        box = (c0 * r - xa, a * r - self._top - ya, c1 * r - xa, b * r - self._top - ya)  # block edges, in the crop
+        size = (c1 - c0, b - a)
+        return np.stack(
+            [
+                np.asarray(Image.fromarray(channel[ya:yb, xa:xb]).resize(size, Image.Resampling.BILINEAR, box=box))
+                for channel in self._rows
+            ]
+        )
+
+    def _block(self, a: int, b: int, c0: int, c1: int) -> np.ndarray:
+        held, wy = self._rows, self.yw[a:b, None]
+        rows = held[:, self.y0[a:b] - self._top] * (1 - wy) + held[:, self.y1[a:b] - self._top] * wy
+        wx = self.xw[c0:c1]
+        return rows[:, :, self.x0[c0:c1]] * (1 - wx) + rows[:, :, self.x1[c0:c1]] * wx
 
 
 def to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
