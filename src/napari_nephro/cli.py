@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
     seg.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seg.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
-    seg.add_argument("--readers", type=int, default=2, help="threads reading tiles ahead of the model (default 2)")
+    seg.add_argument(
+        "--readers", type=int, help="threads reading tiles and resampling rows (default: one per core, 2 to 8)"
+    )
     seg.add_argument("--all-tiles", action="store_true", help="also send tiles of bare glass to the model")
     seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
@@ -146,7 +148,7 @@ def _region(text: str) -> tuple[float, float, float, float]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import partial_path, segment_slide
 
-    if args.batch < 1 or args.readers < 1:
+    if args.batch < 1 or (args.readers is not None and args.readers < 1):
         raise UserError("--batch and --readers must be at least 1")
     slide = open_slide(args.slide, mpp=args.mpp)
     from .models import TorchSegmenter

@@ -67,7 +67,7 @@ def segment_region(
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
-    readers: int = 2,
+    readers: int | None = None,
     skip_background: bool = True,
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -106,7 +106,7 @@ def segment_slide(
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
-    readers: int = 2,
+    readers: int | None = None,
     skip_background: bool = True,
     resume: bool = False,
     overwrite: bool = False,
@@ -147,6 +147,7 @@ def segment_slide(
             **identity,
             "classes": {str(k): v for k, v in classes.items()},
             "rows": plan.out_shape[0],
+            "cols": plan.out_shape[1],
             "name": f"{Path(slide.source).stem} {', '.join(segmenter.classes)}",
         }
         from ..annotations.omezarr import _metadata

@@ -1,14 +1,17 @@
 """The tile pipeline: readers ahead of the model, the model on full batches, stitching behind it.
 
-Three kinds of thread share the work. A pool of readers decodes and resamples the
+Four kinds of thread share the work. A pool of readers decodes and resamples the
 tiles of the next batches; the calling thread runs the model, batch after batch;
-one writer thread stitches, resamples to the output grid and writes. Queues
-between them are short, so memory holds a few batches whatever the slide's size.
+a stitching thread blends tiles and resamples finished rows to the output grid
+(column blocks on the reader pool), and a sink thread turns them into labels and
+writes them. Queues between them are short, so memory holds a few batches
+whatever the slide's size, and a fast GPU is kept fed by several CPU cores.
 Cancellation is checked between batches; what was finished is flushed either way.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -60,7 +63,7 @@ def run_tiles(
     sink: Sink,
     *,
     batch_size: int = 4,
-    readers: int = 2,
+    readers: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> RunStats:
@@ -68,7 +71,10 @@ def run_tiles(
     started = time.perf_counter()
     channels = _channels(segmenter)
     stitcher_rows = plan.work_shape
-    resampler = RowResampler(plan.work_shape, plan.out_shape, plan.out_downsample / plan.scale, first=sink.rows_done)
+    readers = readers or default_readers()
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="nephro-read")
+    ratio = plan.out_downsample / plan.scale
+    resampler = RowResampler(plan.work_shape, plan.out_shape, ratio, first=sink.rows_done, pool=pool)
     restart = resampler.first_work_row()
     row_starts = plan.row_starts
     first_row = next((i for i, y in enumerate(row_starts) if y + plan.tile > restart), len(row_starts))
@@ -84,32 +90,39 @@ def run_tiles(
     batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
     writer.start()
     try:
-        with ThreadPoolExecutor(max(1, readers), thread_name_prefix="nephro-read") as pool:
-            pending: deque[tuple[list[GridTile], list[Future]]] = deque()
-            next_batch = 0
-            while next_batch < len(batches) or pending:
-                while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
-                    batch = batches[next_batch]
-                    pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
-                    next_batch += 1
-                if cancel is not None and cancel():
-                    for _, futures in pending:
-                        for f in futures:
-                            f.cancel()
-                    break
-                batch, futures = pending.popleft()
-                pixels = np.stack([f.result() for f in futures])
-                t0 = time.perf_counter()
-                probs = _predict(segmenter, pixels)
-                model_seconds += time.perf_counter() - t0
-                writer.put((batch, probs))
-                predicted += len(batch)
-                counter.add(len(batch))
-            else:
-                complete = True
+        pending: deque[tuple[list[GridTile], list[Future]]] = deque()
+        next_batch = 0
+        while next_batch < len(batches) or pending:
+            while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
+                batch = batches[next_batch]
+                pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
+                next_batch += 1
+            if cancel is not None and cancel():
+                break
+            batch, futures = pending.popleft()
+            pixels = np.stack([f.result() for f in futures])
+            t0 = time.perf_counter()
+            probs = _predict(segmenter, pixels)
+            model_seconds += time.perf_counter() - t0
+            writer.put((batch, probs))
+            predicted += len(batch)
+            counter.add(len(batch))
+        else:
+            complete = True
     finally:
-        writer.close()
+        for _, futures in pending:
+            for f in futures:
+                f.cancel()
+        try:
+            writer.close()  # stitches what was handed over, with the pool's help
+        finally:
+            pool.shutdown(cancel_futures=True)
     return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+
+
+def default_readers() -> int:
+    """Threads that read tiles (and resample output rows): enough to keep a GPU fed, one per core up to 8."""
+    return max(2, min(8, os.cpu_count() or 2))
 
 
 def _channels(segmenter) -> int:
@@ -162,39 +175,29 @@ class _Counter:
 
 
 class _Writer(threading.Thread):
-    """Stitches predicted tiles in grid order and releases finished rows to the sink, off the model's thread."""
+    """Stitches predicted tiles in grid order, off the model's thread; a sink thread writes what it releases."""
 
     def __init__(self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts) -> None:
-        super().__init__(name="nephro-write", daemon=True)
+        super().__init__(name="nephro-stitch", daemon=True)
         self.stitcher, self.resampler, self.sink = stitcher, resampler, sink
         self.tiles, self.row_starts = list(tiles), row_starts
         self.inbox: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self.error: BaseException | None = None
         self._next = 0  # index in self.tiles of the next tile to stitch
+        self._sink_thread = _SinkThread(sink)
 
     def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise _Stop from self.error
-            try:
-                self.inbox.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        _put(self.inbox, item, self)
 
     def close(self) -> None:
-        """Finish what was handed over, flush the sink, and re-raise a writer failure."""
-        while self.is_alive():
-            try:
-                self.inbox.put(None, timeout=0.2)
-                break
-            except queue.Full:
-                continue
+        """Finish what was handed over, flush the sink, and re-raise a failure of either thread."""
+        _put(self.inbox, None, self, closing=True)
         self.join()
         if self.error is not None:
             raise self.error
 
     def run(self) -> None:
+        self._sink_thread.start()
         try:
             while (item := self.inbox.get()) is not None:
                 batch, probs = item
@@ -205,7 +208,7 @@ class _Writer(threading.Thread):
             self.error = exc
         finally:
             try:
-                self.sink.flush()
+                self._sink_thread.close()
             except BaseException as exc:
                 self.error = self.error or exc
 
@@ -228,4 +231,49 @@ class _Writer(threading.Thread):
         if finished > self.stitcher.top:
             start, rows = self.stitcher.release(finished)
             for y, out in self.resampler.push(start, rows):
-                self.sink.write(y, out)
+                self._sink_thread.put((y, self.sink.prepare(out)))  # class ids are 4x smaller than floats
+
+
+class _SinkThread(threading.Thread):
+    """Writes released rows to the sink in order, and flushes it at the end whatever happened."""
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__(name="nephro-sink", daemon=True)
+        self.sink = sink
+        self.inbox: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def put(self, item) -> None:
+        _put(self.inbox, item, self)
+
+    def close(self) -> None:
+        _put(self.inbox, None, self, closing=True)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        try:
+            while (item := self.inbox.get()) is not None:
+                self.sink.write(*item)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            try:
+                self.sink.flush()
+            except BaseException as exc:
+                self.error = self.error or exc
+
+
+def _put(inbox: queue.Queue, item, thread: threading.Thread, closing: bool = False) -> None:
+    """Hand `item` to `thread`, giving up when it has stopped (its error is raised by close, or here)."""
+    while thread.is_alive():  # both threads are started before anything is handed to them
+        if thread.error is not None and not closing:
+            raise _Stop from thread.error
+        try:
+            inbox.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+    if thread.error is not None and not closing:
+        raise _Stop from thread.error

@@ -28,8 +28,12 @@ CHUNK = 1024  # chunk side; up to this many rows per level are buffered before a
 class Sink(Protocol):
     rows_done: int  # output rows already final (a resumed run starts after them)
 
-    def write(self, y: int, probs: np.ndarray) -> None:
-        """Take output rows [y, y + n) as (C, n, width) probabilities."""
+    def prepare(self, probs: np.ndarray) -> np.ndarray:
+        """What to keep of (C, n, width) probabilities (e.g. class ids), made before queueing for `write`."""
+        ...
+
+    def write(self, y: int, rows: np.ndarray) -> None:
+        """Take output rows [y, y + n), as `prepare` made them."""
         ...
 
     def flush(self) -> None:
@@ -45,12 +49,12 @@ class ArraySink:
         self.array = np.zeros((channels, *shape), np.float32) if probabilities else np.zeros(shape, np.uint8)
         self.rows_done = 0
 
-    def write(self, y: int, probs: np.ndarray) -> None:
-        n = probs.shape[1]
-        if self.probabilities:
-            self.array[:, y : y + n] = probs
-        else:
-            self.array[y : y + n] = to_labels(probs, self.threshold)
+    def prepare(self, probs: np.ndarray) -> np.ndarray:
+        return probs if self.probabilities else to_labels(probs, self.threshold)
+
+    def write(self, y: int, rows: np.ndarray) -> None:
+        n = rows.shape[-2]
+        self.array[..., y : y + n, :] = rows
         self.rows_done = y + n
 
     def flush(self) -> None:
@@ -94,15 +98,16 @@ class _LevelWriter:
 
     Level k takes every 2**k-th row and column of level 0 (nearest: class ids stay
     class ids), so every level is finished as the run goes and no pass over level 0
-    is needed at the end.
+    is needed at the end. Rows wait in one preallocated chunk-row buffer.
     """
 
     def __init__(self, array, factor: int, first_row: int, x_offset: int) -> None:
         self.array, self.factor = array, factor
-        self.top = first_row  # level row of the first buffered row (absolute)
+        self.top = first_row  # level row of the buffer's first row (absolute)
         self.col = -(-x_offset // factor)  # first level column the region reaches
         self.skip = self.col * factor - x_offset  # its column in a band
-        self._held: list[np.ndarray] = []
+        self.held = 0
+        self._buffer: np.ndarray | None = None
 
     @property
     def done(self) -> int:
@@ -114,27 +119,30 @@ class _LevelWriter:
         j0, j1 = -(-y0 // f), -(-(y0 + len(band)) // f)
         if j1 <= j0:
             return
-        if j0 != self.top + sum(len(h) for h in self._held):
+        if j0 != self.top + self.held:
             raise ValueError(f"level rows must arrive in order: got {j0}")
-        self._held.append(band[j0 * f - y0 :: f, self.skip :: f][: j1 - j0])
-        held = sum(len(h) for h in self._held)
-        whole = (self.top + held) // CHUNK * CHUNK - self.top  # up to a chunk boundary: each chunk written once
-        if whole > 0:
-            self._write(whole)
+        rows = band[j0 * f - y0 :: f, self.skip :: f][: j1 - j0]
+        if self._buffer is None:
+            self._buffer = np.zeros((CHUNK, rows.shape[1]), np.uint8)
+        while len(rows):
+            boundary = (self.top // CHUNK + 1) * CHUNK  # write at chunk boundaries: each chunk written once
+            n = min(len(rows), boundary - self.top - self.held)
+            self._buffer[self.held : self.held + n] = rows[:n]
+            self.held, rows = self.held + n, rows[n:]
+            if self.top + self.held == boundary:
+                self._write()
 
     def flush(self) -> None:
-        held = sum(len(h) for h in self._held)
-        if held:
-            self._write(held)
+        if self.held:
+            self._write()
 
-    def _write(self, n: int) -> None:
-        rows = np.concatenate(self._held, axis=0) if len(self._held) > 1 else self._held[0]
+    def _write(self) -> None:
         height, width = self.array.shape
-        h, w = min(n, height - self.top), min(rows.shape[1], width - self.col)
+        h, w = min(self.held, height - self.top), min(self._buffer.shape[1], width - self.col)
         if h > 0 and w > 0:
-            self.array[self.top : self.top + h, self.col : self.col + w] = rows[:h, :w]
-        self._held = [rows[n:]] if n < len(rows) else []
-        self.top += n
+            self.array[self.top : self.top + h, self.col : self.col + w] = self._buffer[:h, :w]
+        self.top += self.held
+        self.held = 0
 
 
 class ZarrRunStore:
@@ -154,7 +162,7 @@ class ZarrRunStore:
         start = self.offset[0] + self.rows_done  # absolute level-0 row to continue from
         factors = record["levels"]
         self.levels = [_LevelWriter(group[str(k)], f, -(-start // f), self.offset[1]) for k, f in enumerate(factors)]
-        self._catch_up(record.get("levels_done", [start // f for f in factors]), start)
+        self._catch_up(record.get("levels_done", [-(-start // f) for f in factors]), start)
 
     @classmethod
     def create(
@@ -213,13 +221,16 @@ class ZarrRunStore:
             if done * f >= start:
                 continue
             y0 = done * f
-            band = np.asarray(self.array[y0:start, self.offset[1] :])
+            x0 = self.offset[1]
+            band = np.asarray(self.array[y0:start, x0 : x0 + int(self.record["cols"])])
             writer.top = done
             writer.add(y0, band)
             writer.flush()
 
-    def write(self, y: int, probs: np.ndarray) -> None:
-        labels = to_labels(probs, self.threshold)
+    def prepare(self, probs: np.ndarray) -> np.ndarray:
+        return to_labels(probs, self.threshold)
+
+    def write(self, y: int, labels: np.ndarray) -> None:
         y0 = self.offset[0] + y
         for writer in self.levels:
             writer.add(y0, labels)

@@ -93,9 +93,12 @@ class RowResampler:
     """
 
     ROW_BLOCK = 128
-    COLUMN_BLOCK = 8192
+    COLUMN_BLOCK = 4096
 
-    def __init__(self, work_shape: tuple[int, int], out_shape: tuple[int, int], ratio: float, first: int = 0) -> None:
+    def __init__(
+        self, work_shape: tuple[int, int], out_shape: tuple[int, int], ratio: float, first: int = 0, pool=None
+    ) -> None:
+        self.pool = pool  # an Executor to resample column blocks in parallel (Pillow releases the GIL)
         (self.work_h, self.work_w), (self.out_h, self.out_w) = work_shape, out_shape
         self.ratio = ratio  # working pixels per output pixel
         self.y0, self.y1, self.yw = _linear_taps(self.out_h, self.work_h, ratio)
@@ -131,9 +134,18 @@ class RowResampler:
 
     def _resample(self, a: int, b: int) -> np.ndarray:
         out = np.empty((self._rows.shape[0], b - a, self.out_w), np.float32)
-        for c0 in range(0, self.out_w, self.COLUMN_BLOCK):
+
+        def fill(c0: int) -> None:
             c1 = min(c0 + self.COLUMN_BLOCK, self.out_w)
             out[:, :, c0:c1] = self._block_fast(a, b, c0, c1) if self.fast else self._block(a, b, c0, c1)
+
+        starts = range(0, self.out_w, self.COLUMN_BLOCK)
+        if self.pool is None or len(starts) == 1:
+            for c0 in starts:
+                fill(c0)
+        else:
+            for future in [self.pool.submit(fill, c0) for c0 in starts]:
+                future.result()
         return out
 
     def _block_fast(self, a: int, b: int, c0: int, c1: int) -> np.ndarray:
