@@ -21,6 +21,7 @@ from .io import SlideError, open_slide
 from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
+from .training.errors import TrainingError
 
 EXIT_USAGE = 2
 
@@ -34,7 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, EvaluationError, ExportError, ModelError, SegmentError, UserError) as exc:
+    except (
+        SlideError,
+        AnnotationError,
+        EvaluationError,
+        ExportError,
+        ModelError,
+        SegmentError,
+        TrainingError,
+        UserError,
+    ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -102,6 +112,38 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
     seg.set_defaults(func=cmd_segment)
+
+    tr = sub.add_parser("train", help="train or fine-tune a glomerulus network from annotated images or slides")
+    tr.add_argument("--annotations", required=True, help="annotation file or folder (GeoJSON, COCO, XML, masks)")
+    tr.add_argument("--images", required=True, help="the slide or image, or a folder of them matched by file stem")
+    tr.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    tr.add_argument("--arch", choices=ARCHITECTURES, help="network (default unet; with --from, the checkpoint's)")
+    tr.add_argument("--encoder", help="smp / timm encoder (default per architecture)")
+    tr.add_argument("--decoder-channels", type=int, nargs="+", help="U-Net decoder widths, e.g. 128 64 32 16 8")
+    tr.add_argument("--classes", nargs="+", help="class names (default: glomerulus)")
+    tr.add_argument("--map", nargs="+", default=[], metavar="LABEL=CLASS", help="rename labels (LABEL=ignore drops)")
+    tr.add_argument("--from", dest="init", type=Path, help="fine-tune this checkpoint instead of starting fresh")
+    tr.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    tr.add_argument("--mpp", type=float, help="micrometres per pixel of the tiles (default 1.0)")
+    tr.add_argument("--image-mpp", type=float, help="pixel size of images that do not say (plain PNG/JPEG)")
+    tr.add_argument("--tile", type=int, help="tile size at --mpp (default 1024)")
+    tr.add_argument("--overlap", type=int, help="overlap between tiles (default 256)")
+    tr.add_argument("--input", type=int, help="network input size (default 320)")
+    tr.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
+    tr.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    tr.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
+    tr.add_argument("--val-fraction", type=float, default=0.2, help="share of images kept for validation (0.2)")
+    tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
+    tr.add_argument("--allow-empty", action="store_true", help="keep images without objects (as negatives)")
+    tr.add_argument("--no-augment", action="store_true", help="train without augmentations")
+    tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    tr.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    tr.add_argument("--attribution", help="credit for the training data, kept in the checkpoint's config")
+    tr.add_argument("--resume", action="store_true", help="finish an interrupted run (its .training folder)")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint or unfinished run")
+    tr.set_defaults(func=cmd_train)
 
     model = sub.add_parser("model", help="make and inspect model checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -185,6 +227,94 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"{result.path}  ({stats.tiles} tiles, {stats.skipped} glass skipped, {stats.predicted} predicted "
         f"in {stats.seconds:.1f} s on {segmenter.device})"
     )
+    return 0
+
+
+def _pairs(values: list[str], option: str, number: bool = False) -> dict:
+    pairs = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key or not value:
+            raise UserError(f"{option} takes NAME=VALUE pairs, not {text!r}")
+        try:
+            pairs[key] = float(value) if number else value
+        except ValueError:
+            raise UserError(f"{option} {text!r}: {value!r} is not a number") from None
+    return pairs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipelines.train import train_from_files
+    from .training import Recipe
+
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        freeze_encoder=args.freeze_encoder,
+        augment=not args.no_augment,
+    )
+    bars: dict = {}
+
+    def on_step(step) -> None:
+        if "bar" not in bars:
+            from tqdm import tqdm
+
+            bars["bar"] = tqdm(total=step.steps, desc=f"epoch {step.epoch}", unit="batch", file=sys.stderr, leave=False)
+        bars["bar"].set_postfix(loss=f"{step.loss:.3f}")
+        bars["bar"].update(1)
+
+    def on_epoch(epoch) -> None:
+        if "bar" in bars:
+            bars.pop("bar").close()
+        print(
+            f"epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}  val loss {epoch.val_loss:.4f}  "
+            f"val Dice {epoch.val_dice:.4f}  ({epoch.seconds:.0f} s)",
+            file=sys.stderr,
+        )
+
+    try:
+        with _progress_bar("cut tiles", "tile") as cut:
+            result = train_from_files(
+                args.annotations,
+                args.images,
+                args.out,
+                arch=args.arch,
+                encoder=args.encoder,
+                decoder_channels=args.decoder_channels,
+                classes=args.classes,
+                class_map=_pairs(args.map, "--map"),
+                init=args.init,
+                mpp=args.mpp,
+                image_mpp=args.image_mpp,
+                tile=args.tile,
+                overlap=args.overlap,
+                input_size=args.input,
+                recipe=recipe,
+                oversample=_pairs(args.oversample, "--oversample", number=True),
+                allow_empty=args.allow_empty,
+                device=args.device,
+                half=args.half,
+                attribution=args.attribution,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                on_cut=cut,
+                on_step=on_step,
+                on_epoch=on_epoch,
+            )
+    except KeyboardInterrupt:
+        print("nephro: interrupted; the finished epochs are kept: add --resume to finish", file=sys.stderr)
+        return 130
+    finally:
+        if "bar" in bars:
+            bars.pop("bar").close()
+    if result.path is None:
+        print(f"nephro: stopped after epoch {len(result.history)}; add --resume to finish", file=sys.stderr)
+        return 130
+    print(f"{result.path}  (best epoch {result.best_epoch}, validation Dice {result.best_dice:.3f})")
     return 0
 
 

@@ -18,9 +18,17 @@ CONFIG = "config.json"
 
 
 def save_checkpoint(
-    network: nn.Module, config: ModelConfig, folder: str | os.PathLike[str], *, overwrite: bool = False
+    network: nn.Module,
+    config: ModelConfig,
+    folder: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    half: bool = False,
 ) -> Path:
-    """Write the folder under a temporary name and rename it into place: never half a checkpoint."""
+    """Write the folder under a temporary name and rename it into place: never half a checkpoint.
+
+    `half` stores floating-point weights as float16 (half the size; loading casts them back).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -31,6 +39,8 @@ def save_checkpoint(
     with atomic_output(folder) as tmp:
         tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"arch": config.arch})
         (tmp / CONFIG).write_text(config.to_json())
     return folder

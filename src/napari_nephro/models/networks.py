@@ -15,7 +15,9 @@ def build_network(config: ModelConfig, *, encoder_weights: str | None = None) ->
     kwargs = dict(config.encoder_kwargs)
     try:
         if config.arch == "unet":
-            return smp.Unet(config.encoder, encoder_weights=encoder_weights, classes=config.out_channels, **kwargs)
+            return smp.Unet(
+                config.encoder, encoder_weights=encoder_weights, classes=config.out_channels, **config.decoder, **kwargs
+            )
         if config.arch == "unet3plus":
             from .unet3plus import UNet3Plus
 
