@@ -161,9 +161,17 @@ def _parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_model_init)
 
     demo = sub.add_parser(
-        "demo", help="open napari with a slide (default: the synthetic sample) and the plugin's widgets"
+        "demo",
+        help="the main job offline: the default glomerulus model over a slide (default: the synthetic sample), "
+        "shown in napari or, with --headless, written to files",
     )
-    demo.add_argument("slide", nargs="?", help="slide to open instead of the synthetic sample")
+    demo.add_argument("slide", nargs="?", help="slide to segment instead of the synthetic sample")
+    demo.add_argument("--slide", dest="slide_option", help="the same, as an option")
+    demo.add_argument("--headless", action="store_true", help="no window: write labels, GeoJSON and a PNG overview")
+    demo.add_argument("--out", type=Path, default=Path("nephro-demo"), help="folder for the files (nephro-demo)")
+    demo.add_argument("--model", default="default", help="checkpoint folder, or 'default' (the shipped model)")
+    demo.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    demo.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for slides that do not say")
     demo.add_argument("--screenshot", type=Path, metavar="PNG", help="save a screenshot of the window and exit")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -463,20 +471,32 @@ def format_info(info: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .pipelines.demo import run_demo_job
     from .sample import sample_slide_path
 
-    if not _has_display():
+    if args.slide and args.slide_option:
+        raise UserError("give the slide once: as an argument or with --slide")
+    if not args.headless and not _has_display():
         print(
-            "nephro: error: no display to open napari on: run it on a desktop, or headless as "
+            "nephro: error: no display to open napari on: add --headless to write the results to files, or run "
             'xvfb-run -a -s "-screen 0 1600x1000x24" nephro demo --screenshot demo.png',
             file=sys.stderr,
         )
         return EXIT_USAGE
-    path = Path(args.slide) if args.slide else sample_slide_path()
-    slide = open_slide(path)  # fail here, with one line, before a window opens
+    path = Path(args.slide or args.slide_option) if (args.slide or args.slide_option) else sample_slide_path()
+    slide = open_slide(path, mpp=args.mpp)  # fail here, with one line, before any work
+    with _progress_bar("segment", "tile") as bar:
+        job = run_demo_job(
+            slide, args.out, model=args.model, device=args.device, progress=lambda p: bar(p.done, p.total)
+        )
+    print(f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s")
+    for what, file in (("labels", job.labels), ("polygons", job.geojson), ("overview", job.overview)):
+        print(f"{what:<9} {file}")
+    if args.headless:
+        return 0
     from .demo import run_demo
 
-    return run_demo(slide, screenshot=args.screenshot)
+    return run_demo(slide, job.labels, screenshot=args.screenshot)
 
 
 def _has_display() -> bool:

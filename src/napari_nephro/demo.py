@@ -1,4 +1,4 @@
-"""`nephro demo`: napari with a slide and the plugin's dock widgets."""
+"""`nephro demo`: napari with a slide, its glomerulus segmentation and the plugin's dock widgets."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ from .io import Slide
 from .layers import slide_layer_data
 
 
-def run_demo(slide: Slide, screenshot: Path | None = None) -> int:
+def run_demo(slide: Slide, labels: Path | None = None, screenshot: Path | None = None) -> int:
     import napari
+
+    from ._annotation_reader import labels_layer_data
+    from .annotations.omezarr import read_label_zarr
 
     viewer = napari.Viewer(title=f"napari-nephro: {slide.source.name}", show=True)
     data, kwargs, _ = slide_layer_data(slide)
     viewer.add_image(data, **kwargs)
+    if labels is not None:
+        data, kwargs, _ = labels_layer_data(read_label_zarr(labels), labels.name)
+        viewer.add_labels(data, **kwargs)
     viewer.window.add_plugin_dock_widget("napari-nephro", "Slide info")
+    viewer.window.add_plugin_dock_widget("napari-nephro", "Segment")
     viewer.scale_bar.visible = True  # in micrometres when the layer has them
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -278,14 +278,18 @@ def finish(store: ZarrRunStore, out: Path, *, mpp: float | None, classes: dict[i
 
 def objects_from_labels(labels, classes: dict[int, str], record: dict):
     """One polygon object per connected piece of each class, in level-0 pixels (QuPath's convention)."""
+    return class_objects(labels, classes, record["plan"]["out_downsample"])
+
+
+def class_objects(labels, classes: dict[int, str], downsample: float = 1.0):
+    """A class-id label image (numpy, dask or zarr) as one detection per connected piece of each class."""
     import shapely
 
     from ..annotations import AnnotationSet
     from ..annotations.model import Annotation
     from ..annotations.raster import vectorize_tiled
 
-    d = record["plan"]["out_downsample"]
-    by_class = vectorize_tiled(labels, classes=classes, downsample=d, object_type="detection")
+    by_class = vectorize_tiled(labels, classes=classes, downsample=downsample, object_type="detection")
     objects = []
     for ann in by_class:
         for part in shapely.get_parts(ann.geometry):

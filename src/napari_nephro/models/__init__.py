@@ -16,6 +16,8 @@ _LAZY = {
     "build_network": "networks",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
+    "resolve_checkpoint": "checkpoint",
+    "DEFAULT": "checkpoint",
     "Segmenter": "segmenter",
     "TorchSegmenter": "segmenter",
 }

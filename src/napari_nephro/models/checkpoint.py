@@ -15,6 +15,17 @@ from .networks import build_network
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+DEFAULT = "default"  # the name of the glomerulus model shipped inside the package
+DEFAULT_FOLDER = Path(__file__).with_name("default")
+
+
+def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder from a path, or from the name `default` (the shipped model)."""
+    if str(name) == DEFAULT and not Path(name).exists():
+        if not (DEFAULT_FOLDER / WEIGHTS).is_file():
+            raise ModelError("the default model is missing from this installation: reinstall napari-nephro")
+        return DEFAULT_FOLDER
+    return Path(name)
 
 
 def save_checkpoint(
@@ -53,7 +64,7 @@ def load_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such checkpoint folder (it holds {CONFIG} and {WEIGHTS})")
     config = ModelConfig.from_file(folder / CONFIG)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from .checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
 from .config import ModelConfig
 from .device import pick_device
 
@@ -57,6 +57,8 @@ class TorchSegmenter:
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike[str], device: str = "auto") -> TorchSegmenter:
+        """Load a checkpoint folder, or the shipped model by the name `default`."""
+        folder = resolve_checkpoint(folder)
         target = pick_device(device)
         network, config = load_checkpoint(folder, target)
         return cls(network, config, target, checkpoint_fingerprint(folder))

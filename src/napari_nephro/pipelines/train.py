@@ -16,7 +16,7 @@ from .. import __version__
 from ..models import ModelConfig, ModelError
 from ..training import Recipe, TrainingError, TrainResult, cut_tiles, train
 from ..training.loop import Epoch, Step
-from .export import ExportError, load_items
+from .export import ExportError, Item, load_items
 
 DEFAULTS = {"mpp": 1.0, "tile": 1024, "overlap": 256, "input_size": 320}
 
@@ -71,7 +71,21 @@ def train_from_files(
     annotations: str | os.PathLike[str],
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    **options,
+) -> TrainResult:
+    """`train_items` on the annotations of a file or folder, matched with their images by file stem."""
+    if Path(out).exists() and not options.get("overwrite"):
+        raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
+    items = load_items(annotations, slide=images)
+    data = {"annotations": str(annotations), "images": str(images)}
+    return train_items(items, out, data=data, **options)
+
+
+def train_items(
+    items: list[Item],
+    out: str | os.PathLike[str],
     *,
+    data: dict | None = None,
     arch: str | None = None,
     encoder: str | None = None,
     decoder_channels: list[int] | None = None,
@@ -115,7 +129,6 @@ def train_from_files(
         )
     except ModelError as exc:
         raise TrainingError(str(exc)) from None
-    items = load_items(annotations, slide=images)
     tiles = cut_tiles(
         items,
         classes=config.classes,
@@ -131,7 +144,7 @@ def train_from_files(
     )
     provenance = {
         "made_by": f"nephro train (napari-nephro {__version__})",
-        "data": {"annotations": str(annotations), "images": str(images), "items": [i.name for i in items]},
+        "data": {**(data or {}), "items": [i.name for i in items]},
         "class_map": dict(class_map or {}),
         "oversample": dict(oversample or {}),
         "started_from": str(init) if init else "random weights",
@@ -155,4 +168,4 @@ def train_from_files(
     )
 
 
-__all__ = ["ExportError", "model_config_for", "train_from_files"]
+__all__ = ["ExportError", "model_config_for", "train_from_files", "train_items"]

@@ -24,6 +24,7 @@ from .errors import TrainingError
 
 IGNORE = "ignore"  # a class mapped to this is left out of the masks (drawn as background)
 MIN_TISSUE = 0.05  # tiles with less tissue and no object are glass: not worth training on
+SINGLE_SOURCE_BANDS = 5  # one slide alone is split by vertical bands: validation never shares a band with training
 
 
 @dataclass
@@ -124,6 +125,7 @@ def cut_tiles(
         grids.append(tile_grid((0, 0, w, h), tile=tile, overlap=overlap, scale=scale))
     total, done = sum(len(g) for g in grids), 0
     images, masks, groups = [], [], []
+    bands = SINGLE_SOURCE_BANDS if len(items) == 1 else 1
     for item, grid in zip(items, grids, strict=True):
         annotations = mapped[item.name]
         with open_slide(item.image, mpp=None if item.mpp else image_mpp) as slide:
@@ -137,7 +139,7 @@ def cut_tiles(
                 if mask.any() or tissue_fraction(image) >= MIN_TISSUE:
                     images.append(image)
                     masks.append(mask)
-                    groups.append(item.name)
+                    groups.append(_group(item, t, bands))
                 if progress is not None:
                     progress(done, total)
     if not images:
@@ -145,6 +147,14 @@ def cut_tiles(
     tiles = TileSet(np.stack(images), np.stack(masks), groups, list(classes))
     tiles.weights = sample_weights(tiles, oversample)
     return tiles
+
+
+def _group(item: Item, t, bands: int) -> str:
+    """The tile's source; for a single source, its vertical band (the split needs whole groups on each side)."""
+    if bands == 1:
+        return item.name
+    band = min(bands - 1, int((t.x + t.w / 2) / item.shape[1] * bands))
+    return f"{item.name} band {band + 1}/{bands}"
 
 
 def sample_weights(tiles: TileSet, oversample: Mapping[str, float] | None) -> np.ndarray:

@@ -49,7 +49,8 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.slide_combo = QComboBox()
         self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("checkpoint folder (config.json + model.safetensors)")
+        self.model_edit.setPlaceholderText("checkpoint folder (config.json + model.safetensors), or 'default'")
+        self.model_edit.setText("default")  # the glomerulus model shipped with the plugin
         self.browse_button = QPushButton("Browse…")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
@@ -101,6 +102,7 @@ class SegmentWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.progressed.connect(self._show_progress)
+        self._describe_model()
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
@@ -127,13 +129,13 @@ class SegmentWidget(QWidget):
             self._describe_model()
 
     def _describe_model(self) -> None:
-        from ..models import ModelConfig
+        from ..models import ModelConfig, resolve_checkpoint
 
         text = self.model_edit.text().strip()
         if not text:
             return
         try:
-            config = ModelConfig.from_file(Path(text) / "config.json")
+            config = ModelConfig.from_file(resolve_checkpoint(text) / "config.json")
         except ModelError as exc:
             self.model_info.setText(str(exc))
             return

@@ -1,0 +1,92 @@
+"""The main job end to end, offline: the default model over a slide, the result as files (no napari here).
+
+Used by `nephro demo --headless`, and by `nephro demo`, which then shows the same
+files in napari.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..io import Slide
+from ..tiling import read_scaled
+
+OVERVIEW_SIDE = 1600
+GREEN = np.array([0, 200, 0], np.float32)
+
+
+@dataclass
+class DemoResult:
+    slide: Slide
+    labels: Path  # OME-Zarr label image at the slide's full resolution
+    geojson: Path  # one polygon per glomerulus, for QuPath
+    overview: Path  # PNG: the slide with the glomeruli outlined
+    objects: int
+    seconds: float
+
+
+def slide_stem(slide: Slide) -> str:
+    name = Path(slide.source).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def run_demo_job(
+    slide: Slide,
+    out_dir: str | os.PathLike[str],
+    *,
+    model: str = "default",
+    device: str = "auto",
+    progress: Callable | None = None,
+) -> DemoResult:
+    """Segment the whole slide with `model` into `out_dir`: labels (.zarr), objects (.geojson), overview (.png).
+
+    The three files are named after the slide; a rerun replaces them (they are the
+    demo's own), never anything else in the folder.
+    """
+    from ..annotations import write_geojson
+    from ..annotations.omezarr import read_label_zarr
+    from ..inference import segment_slide
+    from ..inference.output import class_objects
+    from ..models import TorchSegmenter
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = slide_stem(slide)
+    segmenter = TorchSegmenter.from_checkpoint(model, device=device)
+    labels_path = out_dir / f"{stem}.glomeruli.zarr"
+    result = segment_slide(slide, segmenter, labels_path, overwrite=True, progress=progress)
+    pyramid = read_label_zarr(labels_path)
+    objects = class_objects(pyramid.levels[0], pyramid.classes)
+    geojson = write_geojson(objects, out_dir / f"{stem}.glomeruli.geojson", overwrite=True)
+    overview = write_overview(slide, pyramid, out_dir / f"{stem}.overview.png")
+    return DemoResult(slide, labels_path, geojson, overview, len(objects), result.stats.seconds)
+
+
+def write_overview(slide: Slide, pyramid, path: Path) -> Path:
+    """The slide at most OVERVIEW_SIDE px wide, objects tinted and outlined in green."""
+    from scipy import ndimage
+
+    from .._atomic import atomic_output
+
+    height, width = slide.level_shapes[0]
+    scale = max(1.0, max(height, width) / OVERVIEW_SIDE)
+    size = (max(1, round(height / scale)), max(1, round(width / scale)))
+    rgb = read_scaled(slide, (0, 0, size[1] * scale, size[0] * scale), size).astype(np.float32)
+    level = max((i for i, d in enumerate(pyramid.downsamples) if d <= scale), default=0)
+    labels = np.asarray(pyramid.levels[level])
+    mask = np.asarray(Image.fromarray(labels > 0).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    outline = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    rgb[mask] = 0.65 * rgb[mask] + 0.35 * GREEN
+    rgb[outline] = GREEN
+    with atomic_output(path) as tmp:
+        Image.fromarray(rgb.astype(np.uint8)).save(tmp, format="PNG")
+    return path
