@@ -161,6 +161,18 @@ def test_glass_tiles_never_reach_the_model(disc_slide):
     assert np.array_equal(everything.array, result.array)
 
 
+def test_rows_of_tiles_that_are_all_glass_are_background(tmp_path):
+    """The last row of tiles is moved back over the one before; when both are glass nothing reaches them."""
+    rgb = np.full((1024, 1024, 3), 245, np.uint8)
+    rgb[:200, :] = (70, 30, 90)  # tissue, dark enough to be foreground, in the top rows only
+    Image.fromarray(rgb).save(tmp_path / "top.png")
+    slide = open_slide(tmp_path / "top.png", mpp=0.5)
+    model = Darkness(mpp=0.5, tile=512, overlap=128)  # rows of tiles at 0, 384 and 512 (moved back)
+    result = segment_region(slide, model)
+    assert result.stats.skipped > 0 and result.stats.complete
+    assert result.array[:190].all() and not result.array[220:].any()
+
+
 def test_progress_reports_every_tile_and_an_eta(disc_slide):
     seen = []
     segment_region(open_slide(disc_slide), Darkness(), progress=seen.append)

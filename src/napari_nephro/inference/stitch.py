@@ -53,24 +53,28 @@ class RowStitcher:
         self._weight[r : r + t, x : x + t] += self.window
 
     def release(self, upto: int) -> tuple[int, np.ndarray]:
-        """(first row, probabilities (C, rows, width)) of rows [top, upto), now final, then forgotten."""
+        """(first row, probabilities (C, rows, width)) of rows [top, upto), now final, then forgotten.
+
+        Rows below the held band (a row of tiles that were all glass) were touched by
+        no tile: they are background.
+        """
         upto = min(max(upto, self.top), self.height)
         n = upto - self.top
-        if n > self._weight.shape[0]:
-            raise ValueError(f"rows up to {upto} were never held (band starts at {self.top})")
-        weight = self._weight[:n, : self.width]
-        covered = weight > 0
+        held = min(n, self._weight.shape[0])
         probs = np.zeros((self.channels, n, self.width), np.float32)
-        np.divide(self._sum[:, :n, : self.width], weight, out=probs, where=covered)
+        weight = self._weight[:held, : self.width]
+        covered = np.zeros((n, self.width), bool)
+        covered[:held] = weight > 0
+        np.divide(self._sum[:, :held, : self.width], weight, out=probs[:, :held], where=covered[:held])
         if self.channels > 1:
             np.copyto(probs[0], 1, where=~covered)  # background channel
         start, self.top = self.top, upto
         for band in (self._sum, self._weight[None]):  # move the rest up, clear the freed rows
             height = band.shape[1]
-            for y in range(0, height - n, n):  # in steps of n rows: source and target never overlap, no temporary
-                m = min(n, height - n - y)
-                band[:, y : y + m] = band[:, y + n : y + n + m]
-            band[:, max(0, height - n) :] = 0
+            for y in range(0, height - held, held or 1):  # in steps of `held` rows: no overlap, no temporary
+                m = min(held, height - held - y)
+                band[:, y : y + m] = band[:, y + held : y + held + m]
+            band[:, max(0, height - held) :] = 0
         return start, probs
 
 
