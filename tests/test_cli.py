@@ -44,7 +44,7 @@ def test_info_accepts_a_pixel_size_for_a_slide_without_one(capsys):
 
 
 def test_demo_renders_the_sample_slide_in_napari(tmp_path):
-    """The README's main command, headless: napari opens the embedded sample and the widgets."""
+    """The README's napari command, headless: the default model over the embedded sample, shown in napari."""
     import os
     import shutil
     import subprocess
@@ -57,8 +57,15 @@ def test_demo_renders_the_sample_slide_in_napari(tmp_path):
     nephro = shutil.which("nephro")
     assert nephro, "the nephro console script is not installed"
     shot = tmp_path / "demo.png"
-    result = subprocess.run([nephro, "demo", "--screenshot", str(shot)], capture_output=True, text=True, timeout=300)
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [nephro, "demo", "--screenshot", str(shot), "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "glomeruli found" in result.stdout and (out / "synthetic-kidney-v1.glomeruli.zarr").exists()
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
     pink = (pixels[..., 0] > 200) & (pixels[..., 1] > 120) & (pixels[..., 1] < 190) & (pixels[..., 2] > 160)

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import require_shared
 from PIL import Image
 
+from conftest import require_shared
 from napari_nephro.io import open_slide
 from napari_nephro.layers import slide_layer_data
 from napari_nephro.widgets.train import TrainWidget

@@ -95,7 +95,7 @@ class TrainWidget(QWidget):
         self.encoder_edit.setPlaceholderText("default for the architecture")
         self.classes_edit = QLineEdit("glomerulus")
         self.from_edit = QLineEdit()
-        self.from_edit.setPlaceholderText("fine-tune this checkpoint (empty: fresh weights)")
+        self.from_edit.setPlaceholderText("fine-tune this checkpoint, or 'default' (empty: fresh weights)")
         self.freeze_check = QCheckBox("freeze the encoder")
         self.mpp_spin = _spin(0.05, 20.0, 1.0, decimals=3)
         self.tile_spin = _int_spin(64, 8192, 1024)
@@ -187,10 +187,11 @@ class TrainWidget(QWidget):
             "encoder": self.encoder_edit.text().strip() or None,
             "classes": None if init else classes or None,
             "init": init,
-            "mpp": self.mpp_spin.value(),
-            "tile": self.tile_spin.value(),
-            "overlap": self.overlap_spin.value(),
-            "input_size": self.input_spin.value(),
+            # fine-tuning keeps the checkpoint's scale and sizes: the network learned them
+            "mpp": None if init else self.mpp_spin.value(),
+            "tile": None if init else self.tile_spin.value(),
+            "overlap": None if init else self.overlap_spin.value(),
+            "input_size": None if init else self.input_spin.value(),
             "device": self.device_combo.currentText(),
             "recipe": Recipe(
                 epochs=self.epochs_spin.value(),

@@ -1,0 +1,76 @@
+"""The shipped default glomerulus model, and `nephro demo --headless`: the main job offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_shared
+from napari_nephro.annotations import read_annotations
+from napari_nephro.annotations.omezarr import read_label_zarr
+from napari_nephro.cli import main
+from napari_nephro.io import open_slide
+from napari_nephro.models import DEFAULT, TorchSegmenter, resolve_checkpoint
+
+MAX_MB = 25
+
+
+def test_the_default_model_ships_small_with_its_provenance():
+    folder = resolve_checkpoint(DEFAULT)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    assert size <= MAX_MB, f"{size:.1f} MB"
+    made = json.loads((folder / "config.json").read_text())["provenance"]
+    assert "AIDPATH" in made["data_attribution"] and "CC BY 4.0" in made["data_attribution"]
+    assert made["recipe"]["epochs"] == len(made["history"]) and made["best_epoch"] >= 1
+    segmenter = TorchSegmenter.from_checkpoint(DEFAULT, device="cpu")
+    assert segmenter.classes == ["glomerulus"] and segmenter.fingerprint
+
+
+def test_the_default_model_finds_the_glomerulus_of_a_training_tile():
+    """It learned something: on an AIDPATH tile its mask overlaps the annotated glomerulus."""
+    from napari_nephro.inference import segment_region
+
+    source = require_shared("glomeruli", "aidpath_pas")
+    name = "10003.png"
+    result = segment_region(open_slide(source / "images" / name, mpp=0.5), TorchSegmenter.from_checkpoint(DEFAULT))
+    truth = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
+    pred = result.array > 0
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.3
+
+
+def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
+    slide = require_shared("wsi", "CMU-1-Small-Region.svs")
+    out = tmp_path / "demo"
+    assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    labels = out / "CMU-1-Small-Region.glomeruli.zarr"
+    geojson = out / "CMU-1-Small-Region.glomeruli.geojson"
+    overview = out / "CMU-1-Small-Region.overview.png"
+    for path in (labels, geojson, overview):
+        assert str(path) in printed and path.exists()
+    assert read_label_zarr(labels).levels[0].shape == open_slide(slide).level_shapes[0]
+    objects = read_annotations(geojson)
+    assert f"{len(objects)} glomeruli found" in printed and set(objects.counts()) <= {"glomerulus"}
+    with Image.open(overview) as image:
+        assert max(image.size) <= 1600 and image.mode == "RGB"
+    # a second run replaces the demo's own files and nothing else
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_segment_takes_the_default_model_by_name(tmp_path):
+    slide = require_shared("wsi", "CMU-1-Small-Region.svs")
+    out = tmp_path / "cmu.geojson"
+    assert main(["segment", str(slide), "--model", "default", "--region", "0,0,1024,1024", "--out", str(out)]) == 0
+    assert out.exists()
+
+
+def test_demo_refuses_a_slide_given_twice(capsys):
+    assert main(["demo", "--headless", "a.svs", "--slide", "b.svs"]) == 2
+    assert "give the slide once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--no-such-option"])
