@@ -489,7 +489,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         job = run_demo_job(
             slide, args.out, model=args.model, device=args.device, progress=lambda p: bar(p.done, p.total)
         )
-    print(f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s")
+    print(
+        f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s "
+        f"({job.fragments} smaller pieces left out of the polygons)"
+    )
     for what, file in (("labels", job.labels), ("polygons", job.geojson), ("overview", job.overview)):
         print(f"{what:<9} {file}")
     if args.headless:

@@ -18,6 +18,7 @@ from ..io import Slide
 from ..tiling import read_scaled
 
 OVERVIEW_SIDE = 1600
+MIN_GLOMERULUS_UM2 = 2000.0  # a glomerulus cut anywhere is larger (about 50 um across): smaller pieces are noise
 GREEN = np.array([0, 200, 0], np.float32)
 
 
@@ -27,7 +28,8 @@ class DemoResult:
     labels: Path  # OME-Zarr label image at the slide's full resolution
     geojson: Path  # one polygon per glomerulus, for QuPath
     overview: Path  # PNG: the slide with the glomeruli outlined
-    objects: int
+    objects: int  # glomeruli: connected pieces of at least MIN_GLOMERULUS_UM2
+    fragments: int  # smaller pieces, left out of the GeoJSON (they stay in the label image)
     seconds: float
 
 
@@ -52,7 +54,7 @@ def run_demo_job(
     The three files are named after the slide; a rerun replaces them (they are the
     demo's own), never anything else in the folder.
     """
-    from ..annotations import write_geojson
+    from ..annotations import AnnotationSet, write_geojson
     from ..annotations.omezarr import read_label_zarr
     from ..inference import segment_slide
     from ..inference.output import class_objects
@@ -65,10 +67,13 @@ def run_demo_job(
     labels_path = out_dir / f"{stem}.glomeruli.zarr"
     result = segment_slide(slide, segmenter, labels_path, overwrite=True, progress=progress)
     pyramid = read_label_zarr(labels_path)
-    objects = class_objects(pyramid.levels[0], pyramid.classes)
+    pieces = class_objects(pyramid.levels[0], pyramid.classes)
+    min_px = MIN_GLOMERULUS_UM2 / (slide.mpp or 1.0) ** 2
+    objects = AnnotationSet([a for a in pieces if a.area >= min_px], classes=pieces.classes)
     geojson = write_geojson(objects, out_dir / f"{stem}.glomeruli.geojson", overwrite=True)
     overview = write_overview(slide, pyramid, out_dir / f"{stem}.overview.png")
-    return DemoResult(slide, labels_path, geojson, overview, len(objects), result.stats.seconds)
+    fragments = len(pieces) - len(objects)
+    return DemoResult(slide, labels_path, geojson, overview, len(objects), fragments, result.stats.seconds)
 
 
 def write_overview(slide: Slide, pyramid, path: Path) -> Path:
