@@ -214,3 +214,15 @@ def test_bad_training_input_is_refused_before_training(aidpath_subset, tmp_path,
         err = capsys.readouterr().err
         assert reason in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.training").exists()
+
+
+def test_oversampling_weighs_the_tiles_that_hold_a_class(tiles):
+    from napari_nephro.training.data import sample_weights
+
+    weights = sample_weights(tiles, {"glomerulus": 3.0})
+    holds = (tiles.masks == 1).any(axis=(1, 2))
+    assert holds.any() and np.all(weights[holds] == 3) and np.all(weights[~holds] == 1)
+    with pytest.raises(TrainingError, match="not one of the classes"):
+        sample_weights(tiles, {"sclerosis": 2.0})
+    with pytest.raises(TrainingError, match="positive"):
+        sample_weights(tiles, {"glomerulus": 0.0})
