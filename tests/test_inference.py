@@ -308,3 +308,27 @@ def test_bad_requests_are_one_line_errors(disc_slide, tmp_path):
     with pytest.raises(SegmentError, match=r"pixel size is unknown.*--mpp"):
         segment_region(open_slide(png), Darkness())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.png", "taken.zarr"]  # nothing left behind
+
+
+def test_a_failing_writer_stops_the_run_with_its_own_error(disc_slide):
+    """A disk that fills up mid-run: the model stops being fed and the real error comes out, no hang."""
+    from napari_nephro.inference.engine import run_tiles
+
+    class FullDisk:
+        rows_done, flushed = 0, False
+
+        def prepare(self, probs):
+            return probs
+
+        def write(self, y, rows):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            self.flushed = True
+
+    slide = open_slide(disc_slide)
+    plan = make_plan(slide, model_mpp=1.0, tile=128, overlap=32)
+    model, sink = Darkness(), FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        run_tiles(slide, model, plan, sink, batch_size=2)
+    assert sink.flushed and len(model.tiles_seen) < len(plan.tiles) - plan.skipped

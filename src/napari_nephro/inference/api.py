@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Slide
-from .engine import Progress, RunStats, run_tiles
+from .engine import Progress, RunStats, channels_of, run_tiles
 from .errors import SegmentError
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
 from .plan import Plan, make_plan, slide_mpp
@@ -80,7 +80,7 @@ def segment_region(
     _check_threshold(threshold)
     plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     height, width = plan.out_shape
-    channels = 1 if len(segmenter.classes) == 1 else len(segmenter.classes) + 1
+    channels = channels_of(segmenter)
     size = height * width * (4 * channels if probabilities else 1)
     if size > MAX_REGION_BYTES:
         raise SegmentError(

@@ -69,7 +69,7 @@ def run_tiles(
 ) -> RunStats:
     """Predict every tissue tile of `plan` not yet in `sink`, stitch, and write rows to `sink` in order."""
     started = time.perf_counter()
-    channels = _channels(segmenter)
+    channels = channels_of(segmenter)
     stitcher_rows = plan.work_shape
     readers = readers or default_readers()
     pool = ThreadPoolExecutor(readers, thread_name_prefix="nephro-read")
@@ -125,7 +125,8 @@ def default_readers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _channels(segmenter) -> int:
+def channels_of(segmenter) -> int:
+    """Output channels: one (foreground) for one class, else background + the classes."""
     classes = list(segmenter.classes)
     return 1 if len(classes) == 1 else len(classes) + 1
 
@@ -174,48 +175,90 @@ class _Counter:
         self.callback(Progress(self.done, self.total, rate, eta))
 
 
-class _Writer(threading.Thread):
-    """Stitches predicted tiles in grid order, off the model's thread; a sink thread writes what it releases."""
+class _Stage(threading.Thread):
+    """A worker thread fed through a short queue: `handle` each item, then `finish` whatever happened.
 
-    def __init__(self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts) -> None:
-        super().__init__(name="nephro-stitch", daemon=True)
-        self.stitcher, self.resampler, self.sink = stitcher, resampler, sink
-        self.tiles, self.row_starts = list(tiles), row_starts
-        self.inbox: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    A failure stops the thread; `put` then raises in the feeding thread and `close`
+    re-raises the failure itself.
+    """
+
+    def __init__(self, name: str, depth: int) -> None:
+        super().__init__(name=name, daemon=True)
+        self.inbox: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self._next = 0  # index in self.tiles of the next tile to stitch
-        self._sink_thread = _SinkThread(sink)
+
+    def handle(self, item) -> None:
+        raise NotImplementedError
+
+    def finish(self, failed: bool) -> None:
+        """Called last, in the thread, also after a failure."""
 
     def put(self, item) -> None:
-        _put(self.inbox, item, self)
+        while self.is_alive():  # started before anything is handed to it
+            if self.error is not None:
+                raise _Stop from self.error
+            try:
+                self.inbox.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if self.error is not None:
+            raise _Stop from self.error
 
     def close(self) -> None:
-        """Finish what was handed over, flush the sink, and re-raise a failure of either thread."""
-        _put(self.inbox, None, self, closing=True)
+        """Let it finish what was handed over, wait for it, and re-raise its failure."""
+        while self.is_alive():
+            try:
+                self.inbox.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
         self.join()
         if self.error is not None:
             raise self.error
 
     def run(self) -> None:
-        self._sink_thread.start()
         try:
             while (item := self.inbox.get()) is not None:
-                batch, probs = item
-                for tile, p in zip(batch, probs, strict=True):
-                    self._stitch(tile, p)
-            self._advance()  # trailing glass tiles, and the last rows when the run is complete
-        except BaseException as exc:  # handed to the model's thread by put/close
+                self.handle(item)
+        except _Stop as stop:  # the next stage failed: its error is the one to report
+            self.error = stop.__cause__
+        except BaseException as exc:  # handed to the feeding thread by put / close
             self.error = exc
         finally:
             try:
-                self._sink_thread.close()
+                self.finish(self.error is not None)
             except BaseException as exc:
                 self.error = self.error or exc
 
-    def _stitch(self, tile: GridTile, probs: np.ndarray) -> None:
-        self._advance(until=tile)
-        self.stitcher.add(tile.y, tile.x, probs)
-        self._next += 1
+
+class _Writer(_Stage):
+    """Stitches predicted tiles in grid order, off the model's thread; a sink thread writes what it releases."""
+
+    def __init__(self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts) -> None:
+        super().__init__("nephro-stitch", PREFETCH_BATCHES)
+        self.stitcher, self.resampler, self.sink = stitcher, resampler, sink
+        self.tiles, self.row_starts = list(tiles), row_starts
+        self._next = 0  # index in self.tiles of the next tile to stitch
+        self._sink_thread = _SinkThread(sink)
+
+    def run(self) -> None:
+        self._sink_thread.start()
+        super().run()
+
+    def handle(self, item) -> None:
+        batch, probs = item
+        for tile, p in zip(batch, probs, strict=True):
+            self._advance(until=tile)
+            self.stitcher.add(tile.y, tile.x, p)
+            self._next += 1
+
+    def finish(self, failed: bool) -> None:
+        try:
+            if not failed:
+                self._advance()  # trailing glass tiles, and the last rows when the run is complete
+        finally:
+            self._sink_thread.close()
 
     def _advance(self, until: GridTile | None = None) -> None:
         """Pass over glass tiles up to `until` (at the end: up to the first tile never predicted),
@@ -234,46 +277,15 @@ class _Writer(threading.Thread):
                 self._sink_thread.put((y, self.sink.prepare(out)))  # class ids are 4x smaller than floats
 
 
-class _SinkThread(threading.Thread):
+class _SinkThread(_Stage):
     """Writes released rows to the sink in order, and flushes it at the end whatever happened."""
 
     def __init__(self, sink: Sink) -> None:
-        super().__init__(name="nephro-sink", daemon=True)
+        super().__init__("nephro-sink", 2)
         self.sink = sink
-        self.inbox: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
 
-    def put(self, item) -> None:
-        _put(self.inbox, item, self)
+    def handle(self, item) -> None:
+        self.sink.write(*item)
 
-    def close(self) -> None:
-        _put(self.inbox, None, self, closing=True)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-    def run(self) -> None:
-        try:
-            while (item := self.inbox.get()) is not None:
-                self.sink.write(*item)
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            try:
-                self.sink.flush()
-            except BaseException as exc:
-                self.error = self.error or exc
-
-
-def _put(inbox: queue.Queue, item, thread: threading.Thread, closing: bool = False) -> None:
-    """Hand `item` to `thread`, giving up when it has stopped (its error is raised by close, or here)."""
-    while thread.is_alive():  # both threads are started before anything is handed to them
-        if thread.error is not None and not closing:
-            raise _Stop from thread.error
-        try:
-            inbox.put(item, timeout=0.2)
-            return
-        except queue.Full:
-            continue
-    if thread.error is not None and not closing:
-        raise _Stop from thread.error
+    def finish(self, failed: bool) -> None:
+        self.sink.flush()
