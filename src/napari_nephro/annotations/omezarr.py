@@ -67,11 +67,12 @@ def write_label_zarr(
             for y, x, h, w in tiles(shape, chunk):
                 array[y : y + h, x : x + w] = source.tile(d, y, x, h, w)
                 progress.tick()
-        group.attrs.update(_metadata(name, [d for d, _ in levels], mpp, source.classes))
+        group.attrs.update(ngff_metadata(name, [d for d, _ in levels], mpp, source.classes))
     return path
 
 
-def _metadata(name: str, downsamples: list[int], mpp: float | None, classes: dict[int, str]) -> dict:
+def ngff_metadata(name: str, downsamples: list[int], mpp: float | None, classes: dict[int, str]) -> dict:
+    """NGFF 0.4 `multiscales` and `image-label` attributes of a label pyramid (scales in um when mpp is known)."""
     unit = {"unit": "micrometer"} if mpp else {}
     step = mpp or 1.0
     datasets = [

@@ -14,7 +14,7 @@ from ..io import Slide
 from .engine import Progress, RunStats, channels_of, run_tiles
 from .errors import SegmentError
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
-from .plan import Plan, make_plan, slide_mpp
+from .plan import Plan, cells, make_plan, slide_mpp
 
 MAX_REGION_BYTES = 2 * 1024**3  # a region result beyond this goes to a file instead
 
@@ -141,7 +141,8 @@ def segment_slide(
         store = ZarrRunStore.reopen(partial, identity, threshold)
     else:
         d = plan.out_downsample
-        full = (int(np.ceil(slide.level_shapes[0][0] / d - 1e-6)), int(np.ceil(slide.level_shapes[0][1] / d - 1e-6)))
+        height, width = slide.level_shapes[0]
+        full = (cells(height, d), cells(width, d))
         offset = (round(plan.region[1] / d), round(plan.region[0] / d))
         record = {
             **identity,
@@ -150,12 +151,7 @@ def segment_slide(
             "cols": plan.out_shape[1],
             "name": f"{Path(slide.source).stem} {', '.join(segmenter.classes)}",
         }
-        from ..annotations.omezarr import _metadata
-
-        def ngff(factors):
-            return _metadata(record["name"], factors, mpp * d, classes)
-
-        store = ZarrRunStore.create(partial, full, offset, record, ngff, threshold)
+        store = ZarrRunStore.create(partial, full, offset, record, threshold, mpp=mpp * d)
     stats = run_tiles(
         slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
     )

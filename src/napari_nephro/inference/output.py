@@ -166,16 +166,22 @@ class ZarrRunStore:
 
     @classmethod
     def create(
-        cls, path: Path, shape: tuple[int, int], offset: tuple[int, int], record: dict, ngff, threshold: float
+        cls,
+        path: Path,
+        shape: tuple[int, int],
+        offset: tuple[int, int],
+        record: dict,
+        threshold: float,
+        *,
+        mpp: float | None,
     ) -> ZarrRunStore:
-        """A store holding the whole slide's extent (`shape`), of which the run fills its region at `offset`.
-
-        `ngff(factors)` gives the multiscale metadata for the levels made.
-        """
+        """A store holding the whole slide's extent (`shape`, `mpp` um per pixel), of which the run fills
+        its region at `offset`; NGFF metadata for every level from the start, so it opens at any moment."""
         import zarr
         from numcodecs import Blosc
 
         from ..annotations.label_source import level_downsamples, level_shape
+        from ..annotations.omezarr import ngff_metadata
 
         if path.exists():
             shutil.rmtree(path)
@@ -193,7 +199,8 @@ class ZarrRunStore:
             )
             array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
         record = {**record, "offset": list(offset), "levels": factors, "rows_done": 0, "complete": False}
-        group.attrs.update({**ngff(factors), RUN_KEY: record})
+        classes = {int(k): v for k, v in record["classes"].items()}
+        group.attrs.update({**ngff_metadata(record["name"], factors, mpp, classes), RUN_KEY: record})
         return cls(path, group, record, threshold)
 
     @classmethod
@@ -271,14 +278,10 @@ def finish(store: ZarrRunStore, out: Path, *, mpp: float | None, classes: dict[i
     if suffix in (".tif", ".tiff"):
         write_label_tiff(ArrayLabels(level0, classes), out, mpp=mpp, overwrite=overwrite)
     else:
-        write_geojson(objects_from_labels(level0, classes, store.record), out, overwrite=overwrite)
+        objects = class_objects(level0, classes, store.record["plan"]["out_downsample"])
+        write_geojson(objects, out, overwrite=overwrite)
     shutil.rmtree(store.path)
     return out
-
-
-def objects_from_labels(labels, classes: dict[int, str], record: dict):
-    """One polygon object per connected piece of each class, in level-0 pixels (QuPath's convention)."""
-    return class_objects(labels, classes, record["plan"]["out_downsample"])
 
 
 def class_objects(labels, classes: dict[int, str], downsample: float = 1.0):

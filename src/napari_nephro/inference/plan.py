@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from ..io import Slide
 from ..tiling import read_scaled, tile_grid, tissue_mask
@@ -44,12 +45,12 @@ class Plan:
     @property
     def work_shape(self) -> tuple[int, int]:
         _, _, w, h = self.region
-        return _cells(h, self.scale), _cells(w, self.scale)
+        return cells(h, self.scale), cells(w, self.scale)
 
     @property
     def out_shape(self) -> tuple[int, int]:
         _, _, w, h = self.region
-        return _cells(h, self.out_downsample), _cells(w, self.out_downsample)
+        return cells(h, self.out_downsample), cells(w, self.out_downsample)
 
     @property
     def row_starts(self) -> list[int]:
@@ -76,7 +77,8 @@ class Plan:
         }
 
 
-def _cells(length: int, step: float) -> int:
+def cells(length: int, step: float) -> int:
+    """Pixels of size `step` needed to cover `length` (at least one)."""
     return max(1, math.ceil(length / step - 1e-6))
 
 
@@ -148,9 +150,9 @@ def _tissue_by_tile(slide: Slide, plan: Plan, grid) -> np.ndarray:
     x0, y0, w, h = plan.region
     step = max(w, h) / THUMBNAIL_SIDE  # level-0 pixels per thumbnail pixel
     step = max(step, min(plan.scale * 4, max(w, h) / 64))  # no finer than a quarter of the working grid
-    th, tw = _cells(h, step), _cells(w, step)
+    th, tw = cells(h, step), cells(w, step)
     thumb = read_scaled(slide, (x0, y0, tw * step, th * step), (th, tw))
-    mask = _dilate(tissue_mask(thumb))
+    mask = ndimage.binary_dilation(tissue_mask(thumb))  # faint tissue edges must not drop a tile
     fractions = np.zeros(len(grid))
     for i, t in enumerate(grid):
         ty0, tx0 = int(t.y * plan.scale / step), int(t.x * plan.scale / step)
@@ -159,13 +161,3 @@ def _tissue_by_tile(slide: Slide, plan: Plan, grid) -> np.ndarray:
         footprint = mask[ty0:ty1, tx0:tx1]
         fractions[i] = footprint.mean() if footprint.size else 0.0
     return fractions
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """Grow the mask by one thumbnail pixel: faint tissue edges must not drop a tile."""
-    grown = mask.copy()
-    grown[1:] |= mask[:-1]
-    grown[:-1] |= mask[1:]
-    grown[:, 1:] |= mask[:, :-1]
-    grown[:, :-1] |= mask[:, 1:]
-    return grown

@@ -15,8 +15,8 @@ from pathlib import Path
 from .. import __version__
 from ..models import ModelConfig, ModelError
 from ..training import Recipe, TrainingError, TrainResult, cut_tiles, train
-from ..training.loop import Epoch, Step
-from .export import ExportError, Item, load_items
+from ..training.loop import Epoch, Step, check_output
+from .export import Item, load_items
 
 DEFAULTS = {"mpp": 1.0, "tile": 1024, "overlap": 256, "input_size": 320}
 
@@ -74,8 +74,6 @@ def train_from_files(
     **options,
 ) -> TrainResult:
     """`train_items` on the annotations of a file or folder, matched with their images by file stem."""
-    if Path(out).exists() and not options.get("overwrite"):
-        raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
     items = load_items(annotations, slide=images)
     data = {"annotations": str(annotations), "images": str(images)}
     return train_items(items, out, data=data, **options)
@@ -113,8 +111,7 @@ def train_items(
     recipe = recipe or Recipe()
     recipe.check()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
+    check_output(out, resume=resume, overwrite=overwrite)  # before any tile is cut
     try:
         config, network = model_config_for(
             arch=arch,
@@ -168,4 +165,4 @@ def train_items(
     )
 
 
-__all__ = ["ExportError", "model_config_for", "train_from_files", "train_items"]
+__all__ = ["model_config_for", "train_from_files", "train_items"]

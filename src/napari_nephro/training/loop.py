@@ -131,6 +131,23 @@ def _schedule(recipe: Recipe, steps_per_epoch: int):
     return factor
 
 
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Refuse an output that exists, an unfinished run not resumed, a resume of nothing; the state folder."""
+    state_dir = out.with_name(out.name + ".training")
+    if out.exists() and not overwrite:
+        raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise TrainingError(f"{out}: folder {out.parent} does not exist")
+    if resume and not (state_dir / STATE).exists():
+        raise TrainingError(f"{out}: nothing to resume (no {state_dir.name})")
+    if state_dir.exists() and not resume and not overwrite:
+        raise TrainingError(
+            f"{out}: an unfinished training run is in {state_dir.name}; pass --resume to finish it "
+            "or --overwrite to start again"
+        )
+    return state_dir
+
+
 def train(
     tiles: TileSet,
     model_config: ModelConfig,
@@ -154,20 +171,9 @@ def train(
     recipe = recipe or Recipe()
     recipe.check()
     out = Path(out)
-    state_dir = out.with_name(out.name + ".training")
-    if out.exists() and not overwrite:
-        raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise TrainingError(f"{out}: folder {out.parent} does not exist")
-    if resume and not (state_dir / STATE).exists():
-        raise TrainingError(f"{out}: nothing to resume (no {state_dir.name})")
+    state_dir = check_output(out, resume=resume, overwrite=overwrite)
     if state_dir.exists() and not resume:
-        if not overwrite:
-            raise TrainingError(
-                f"{out}: an unfinished training run is in {state_dir.name}; pass --resume to finish it "
-                "or --overwrite to start again"
-            )
-        shutil.rmtree(state_dir)
+        shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite
     if list(tiles.classes) != list(model_config.classes):
         raise TrainingError(f"the tiles' classes {tiles.classes} differ from the model's {model_config.classes}")
     if tiles.images.shape[1] != model_config.input_size:
