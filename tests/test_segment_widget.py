@@ -112,5 +112,6 @@ def test_mistakes_are_shown_not_raised(widget, qtbot, tmp_path):
     widget._describe_model()
     assert "not a checkpoint folder" in widget.model_info.text()
     widget.where_combo.setCurrentText("whole slide")
-    widget.run()
+    widget.run()  # the model is read in the worker: napari does not wait on a large checkpoint
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
     assert "not a checkpoint folder" in widget.status.text()

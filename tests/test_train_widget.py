@@ -82,3 +82,20 @@ def test_mistakes_are_shown_not_raised(widget):
     widget.out_edit.setText("/tmp/somewhere")
     widget.start()
     assert "choose a slide layer" in widget.status.text() and widget.start_button.isEnabled()
+
+
+def test_a_mistake_found_in_the_worker_is_a_message(widget, qtbot, tmp_path):
+    """Objects without the classes asked for are only found once the layer is read: a line, not a traceback."""
+    source = require_shared("glomeruli", "aidpath_pas")
+    name = sorted(os.listdir(source / "images"))[0]
+    slide = open_slide(source / "images" / name, mpp=0.5)
+    data, kwargs, _ = slide_layer_data(slide)
+    widget.viewer.add_image(data, **kwargs)
+    mask = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
+    widget.viewer.add_labels(mask.astype(np.uint8), name="glomeruli", scale=kwargs["scale"])
+    widget.classes_edit.setText("normal, global sclerosis")
+    widget.out_edit.setText(str(tmp_path / "never"))
+    widget.start()
+    wait(widget, qtbot)
+    assert "not among the model's classes" in widget.status.text() and widget.result is None
+    assert not (tmp_path / "never").exists()

@@ -32,6 +32,7 @@ from ..annotations import AnnotationError
 from ..annotations._write import atomic_write_bytes
 from ..evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
 from ..evaluation.tpfpfn import TPFPFN_COLORS
+from ._layers import chosen, labels_layers, refill
 
 if TYPE_CHECKING:
     import napari
@@ -83,30 +84,17 @@ class CompareWidget(QWidget):
         self._refresh()
 
     def _labels_layers(self):
-        from napari.layers import Labels
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Labels) and layer is not self.result_layer]
+        return labels_layers(self.viewer, exclude=self.result_layer)
 
     def _refresh(self, *_: object) -> None:
         names = [layer.name for layer in self._labels_layers()]
-        for combo, default in ((self.pred_combo, 0), (self.truth_combo, 1)):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            elif len(names) > default:
-                combo.setCurrentIndex(default)
-            combo.blockSignals(False)
-
-    def _layer(self, name: str):
-        return next((layer for layer in self._labels_layers() if layer.name == name), None)
+        refill(self.pred_combo, names, default=0)
+        refill(self.truth_combo, names, default=1)
 
     def compare(self) -> None:
         pred_layer, truth_layer = (
-            self._layer(self.pred_combo.currentText()),
-            self._layer(self.truth_combo.currentText()),
+            chosen(self.pred_combo, self._labels_layers()),
+            chosen(self.truth_combo, self._labels_layers()),
         )
         if pred_layer is None or truth_layer is None:
             self.summary.setText("Choose a prediction and a ground-truth Labels layer.")
@@ -192,9 +180,7 @@ class CompareWidget(QWidget):
     def jump_to_row(self, row: int, _column: int = 0) -> None:
         """Centre the view on the object of a table row."""
         entry = self.rows[row]
-        layer = self._layer(
-            self.truth_combo.currentText() if entry["side"] == "truth" else self.pred_combo.currentText()
-        )
+        layer = chosen(self.truth_combo if entry["side"] == "truth" else self.pred_combo, self._labels_layers())
         if layer is None:
             return
         data = _comparable(layer, self.downsample)

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 from ..inference import Progress, SegmentError, partial_path
 from ..io import SlideError
 from ..models import ModelError
+from ._layers import UserFailure, catching, chosen, refill, slide_layers
 
 if TYPE_CHECKING:
     import napari
@@ -108,19 +109,11 @@ class SegmentWidget(QWidget):
         self._refresh()
 
     # -- choices -------------------------------------------------------------
-    def _slide_layers(self):
-        return [layer for layer in self.viewer.layers if "slide" in layer.metadata]
-
     def _refresh(self, *_: object) -> None:
-        current = self.slide_combo.currentText()
-        names = [layer.name for layer in self._slide_layers()]
-        self.slide_combo.clear()
-        self.slide_combo.addItems(names)
-        if current in names:
-            self.slide_combo.setCurrentText(current)
+        refill(self.slide_combo, [layer.name for layer in slide_layers(self.viewer)])
 
     def slide_layer(self):
-        return next((lyr for lyr in self._slide_layers() if lyr.name == self.slide_combo.currentText()), None)
+        return chosen(self.slide_combo, slide_layers(self.viewer))
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Checkpoint folder")
@@ -182,14 +175,13 @@ class SegmentWidget(QWidget):
             self.status.setText("Open a slide first.")
             return
         try:
-            segmenter = self.segmenter()
-            job = self._job(layer, segmenter)
+            job = self._job(layer)
         except ERRORS as exc:
             self.status.setText(str(exc))
             return
         self._cancel.clear()
-        self._worker = create_worker(job)
-        self._worker.returned.connect(lambda result: self._finished(layer, segmenter, result))
+        self._worker = create_worker(catching(job, ERRORS))
+        self._worker.returned.connect(lambda result: self._finished(layer, result))
         self._worker.errored.connect(self._failed)
         self._worker.finished.connect(self._idle)
         self.run_button.setEnabled(False)
@@ -197,11 +189,14 @@ class SegmentWidget(QWidget):
         self.status.setText("Planning tiles…")
         self._worker.start()
 
-    def _job(self, layer, segmenter):
-        """The work for the thread, with every question about the inputs already answered here."""
+    def _job(self, layer):
+        """The work for the thread, with every question about the inputs answered here; the model
+        itself is loaded in the thread (a large checkpoint takes seconds to read and hash)."""
         from ..inference import segment_region, segment_slide
 
         slide = layer.metadata["slide"]
+        if not self.model_edit.text().strip():
+            raise ModelError("choose a checkpoint folder first")
         if slide.mpp is None:
             raise SegmentError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
         common = {
@@ -215,10 +210,13 @@ class SegmentWidget(QWidget):
             out = self.output_path(layer)
             resume = partial_path(out).exists() and not self.overwrite_check.isChecked()
             overwrite = self.overwrite_check.isChecked()
-            return lambda: ("slide", segment_slide(slide, segmenter, out, resume=resume, overwrite=overwrite, **common))
+            return lambda: (
+                "slide",
+                segment_slide(slide, self.segmenter(), out, resume=resume, overwrite=overwrite, **common),
+            )
         _, _, w, h = region
         downsample = 2 ** max(0, math.ceil(math.log2(math.sqrt(w * h / REGION_PIXELS)))) if w * h else 1
-        return lambda: ("region", segment_region(slide, segmenter, region, out_downsample=downsample, **common))
+        return lambda: ("region", segment_region(slide, self.segmenter(), region, out_downsample=downsample, **common))
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -233,7 +231,10 @@ class SegmentWidget(QWidget):
         eta = "" if p.eta_seconds is None else f", about {_duration(p.eta_seconds)} left"
         self.status.setText(f"{p.done} / {p.total} tiles, {p.tiles_per_second:.2f} tiles/s{eta}")
 
-    def _finished(self, layer, segmenter, outcome) -> None:
+    def _finished(self, layer, outcome) -> None:
+        if isinstance(outcome, UserFailure):
+            self.status.setText(outcome)
+            return
         kind, result = outcome
         stats = result.stats
         note = f"{stats.tiles} tiles ({stats.skipped} glass skipped) in {_duration(stats.seconds)}"
@@ -243,49 +244,44 @@ class SegmentWidget(QWidget):
                     f"Cancelled: {result.rows_done} of {result.rows} rows kept in {result.partial.name}; Run resumes."
                 )
                 return
-            self.result_layer = self._add_slide_result(layer, segmenter, result.path)
+            self.result_layer = self._add_slide_result(layer, result.path)
             self.status.setText(f"Done: {result.path} ({note}).")
             return
         if not stats.complete:
             self.status.setText("Cancelled: nothing added.")
             return
-        self.result_layer = self._add_region_result(layer, segmenter, result)
+        self.result_layer = self._add_region_result(layer, result)
         self.status.setText(f"Done: {self.result_layer.name} ({note}).")
 
-    def _add_region_result(self, layer, segmenter, result):
+    def _add_region_result(self, layer, result):
         x, y, _, _ = result.region
-        scale, translate = aligned(layer, (y, x), result.out_downsample)
-        values = sorted(result.classes)
-        return self.viewer.add_labels(
-            result.array,
-            name=f"{_model_name(self)} segmentation",
-            scale=scale,
-            translate=translate,
-            units=tuple(str(u) for u in layer.units),
-            features={"index": values, "class": [result.classes[v] for v in values]},
-            metadata={"classes": result.classes, "region": result.region},
-        )
+        name = f"{_model_name(self)} segmentation"
+        return self._add_labels(layer, result.array, (y, x), result.out_downsample, result.classes, name)
 
-    def _add_slide_result(self, layer, segmenter, path: Path):
+    def _add_slide_result(self, layer, path: Path):
         from ..annotations.omezarr import read_label_zarr
 
         pyramid = read_label_zarr(path)
         downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
-        scale, translate = aligned(layer, (0, 0), downsample)
-        values = sorted(pyramid.classes)
+        return self._add_labels(layer, pyramid.levels, (0, 0), downsample, pyramid.classes, path.name)
+
+    def _add_labels(self, layer, data, origin_yx, downsample: float, classes: dict[int, str], name: str):
+        """A Labels layer over `layer` (see `aligned`), multiscale when `data` is a list of levels."""
+        scale, translate = aligned(layer, origin_yx, downsample)
+        values = sorted(classes)
         return self.viewer.add_labels(
-            pyramid.levels,
-            multiscale=True,
-            name=path.name,
+            data,
+            multiscale=isinstance(data, list),
+            name=name,
             scale=scale,
             translate=translate,
             units=tuple(str(u) for u in layer.units),
-            features={"index": values, "class": [pyramid.classes[v] for v in values]},
-            metadata={"classes": pyramid.classes, "path": str(path)},
+            features={"index": values, "class": [classes[v] for v in values]},
+            metadata={"classes": classes},
         )
 
     def _failed(self, exc: Exception) -> None:
-        self.status.setText(str(exc) if isinstance(exc, ERRORS) else f"Failed: {exc.__class__.__name__}: {exc}")
+        self.status.setText(f"Failed: {exc.__class__.__name__}: {exc}")  # a bug, not a user's mistake
 
     def _idle(self) -> None:
         self.run_button.setEnabled(True)

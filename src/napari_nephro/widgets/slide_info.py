@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
 
 from ..io import Slide, SlideError
 from ..layers import slide_layer_kwargs
+from ._layers import chosen, refill, slide_layers
 
 if TYPE_CHECKING:
     import napari
@@ -77,25 +78,17 @@ class SlideInfoWidget(QWidget):
 
     # -- which layer --------------------------------------------------------
     def slide_layers(self) -> list[napari.layers.Image]:
-        return [layer for layer in self.viewer.layers if isinstance(layer.metadata.get("slide"), Slide)]
+        return slide_layers(self.viewer)
 
     def current_layer(self) -> napari.layers.Image | None:
-        name = self.layer_combo.currentText()
-        return next((layer for layer in self.slide_layers() if layer.name == name), None)
+        return chosen(self.layer_combo, self.slide_layers())
 
     def current_slide(self) -> Slide | None:
         layer = self.current_layer()
         return None if layer is None else layer.metadata["slide"]
 
     def _refresh_layers(self, *_: object) -> None:
-        chosen = self.layer_combo.currentText()
-        names = [layer.name for layer in self.slide_layers()]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if chosen in names:
-            self.layer_combo.setCurrentText(chosen)
-        self.layer_combo.blockSignals(False)
+        refill(self.layer_combo, [layer.name for layer in self.slide_layers()])
         self._show_current()
 
     # -- showing ------------------------------------------------------------

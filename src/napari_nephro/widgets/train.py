@@ -32,6 +32,7 @@ from ..io import SlideError
 from ..models import ARCHITECTURES, ModelError
 from ..pipelines.export import ExportError, Item
 from ..training import TrainingError
+from ._layers import UserFailure, catching, chosen, labels_layers, refill, slide_layers
 
 if TYPE_CHECKING:
     import napari
@@ -154,17 +155,8 @@ class TrainWidget(QWidget):
         self._show_source()
 
     def _refresh(self, *_: object) -> None:
-        from napari.layers import Labels
-
-        for combo, names in (
-            (self.slide_combo, [lyr.name for lyr in self.viewer.layers if "slide" in lyr.metadata]),
-            (self.labels_combo, [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Labels)]),
-        ):
-            current = combo.currentText()
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+        refill(self.slide_combo, [layer.name for layer in slide_layers(self.viewer)])
+        refill(self.labels_combo, [layer.name for layer in labels_layers(self.viewer)])
 
     def _show_source(self, *_: object) -> None:
         layers = self.source_combo.currentText() == SOURCES[0]
@@ -205,9 +197,9 @@ class TrainWidget(QWidget):
         """The chosen slide layer and Labels layer as one training source, in level-0 pixels."""
         from ..layer_annotations import labels_to_annotations
 
-        slide_layer = next((lyr for lyr in self.viewer.layers if lyr.name == self.slide_combo.currentText()), None)
-        labels = next((lyr for lyr in self.viewer.layers if lyr.name == self.labels_combo.currentText()), None)
-        if slide_layer is None or labels is None or "slide" not in slide_layer.metadata:
+        slide_layer = chosen(self.slide_combo, slide_layers(self.viewer))
+        labels = chosen(self.labels_combo, labels_layers(self.viewer))
+        if slide_layer is None or labels is None:
             raise TrainingError("choose a slide layer and a Labels layer drawn on it")
         slide = slide_layer.metadata["slide"]
         data, meta, _ = labels.as_layer_data_tuple()
@@ -246,7 +238,7 @@ class TrainWidget(QWidget):
         self._stop.clear()
         self.plot.clear()
         self.result = None
-        self._worker = create_worker(job)
+        self._worker = create_worker(catching(job, ERRORS))
         self._worker.returned.connect(self._finished)
         self._worker.errored.connect(self._failed)
         self._worker.finished.connect(self._idle)
@@ -267,6 +259,9 @@ class TrainWidget(QWidget):
         self.plot.add(epoch.train_loss, epoch.val_dice)
 
     def _finished(self, result) -> None:
+        if isinstance(result, UserFailure):
+            self.status.setText(result)
+            return
         self.result = result
         if result.path is None:
             self.status.setText(f"Stopped after epoch {len(result.history)}; Start resumes.")
@@ -276,7 +271,7 @@ class TrainWidget(QWidget):
             )
 
     def _failed(self, exc: Exception) -> None:
-        self.status.setText(str(exc) if isinstance(exc, ERRORS) else f"Failed: {exc.__class__.__name__}: {exc}")
+        self.status.setText(f"Failed: {exc.__class__.__name__}: {exc}")  # a bug, not a user's mistake
 
     def _idle(self) -> None:
         self.start_button.setEnabled(True)
