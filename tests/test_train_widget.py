@@ -30,18 +30,23 @@ def widget(make_napari_viewer):
     return widget
 
 
+def add_aidpath_layers(viewer) -> str:
+    """The first AIDPATH tile as a slide layer and its glomerulus mask as a Labels layer over it."""
+    source = require_shared("glomeruli", "aidpath_pas")
+    name = sorted(os.listdir(source / "images"))[0]
+    data, kwargs, _ = slide_layer_data(open_slide(source / "images" / name, mpp=0.5))
+    viewer.add_image(data, **kwargs)
+    mask = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
+    viewer.add_labels(mask.astype(np.uint8), name="glomeruli", scale=kwargs["scale"])
+    return name
+
+
 def wait(widget, qtbot, timeout=240_000):
     qtbot.waitUntil(lambda: widget.start_button.isEnabled(), timeout=timeout)
 
 
 def test_training_from_a_slide_and_its_labels_layer(widget, qtbot, tmp_path):
-    source = require_shared("glomeruli", "aidpath_pas")
-    name = sorted(os.listdir(source / "images"))[0]
-    slide = open_slide(source / "images" / name, mpp=0.5)
-    data, kwargs, _ = slide_layer_data(slide)
-    widget.viewer.add_image(data, **kwargs)
-    mask = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
-    widget.viewer.add_labels(mask.astype(np.uint8), name="glomeruli", scale=kwargs["scale"])
+    name = add_aidpath_layers(widget.viewer)
     assert widget.slide_combo.currentText() == name and widget.labels_combo.currentText() == "glomeruli"
     widget.epochs_spin.setValue(2)
     widget.out_edit.setText(str(tmp_path / "from-layers"))
@@ -86,13 +91,7 @@ def test_mistakes_are_shown_not_raised(widget):
 
 def test_a_mistake_found_in_the_worker_is_a_message(widget, qtbot, tmp_path):
     """Objects without the classes asked for are only found once the layer is read: a line, not a traceback."""
-    source = require_shared("glomeruli", "aidpath_pas")
-    name = sorted(os.listdir(source / "images"))[0]
-    slide = open_slide(source / "images" / name, mpp=0.5)
-    data, kwargs, _ = slide_layer_data(slide)
-    widget.viewer.add_image(data, **kwargs)
-    mask = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
-    widget.viewer.add_labels(mask.astype(np.uint8), name="glomeruli", scale=kwargs["scale"])
+    add_aidpath_layers(widget.viewer)
     widget.classes_edit.setText("normal, global sclerosis")
     widget.out_edit.setText(str(tmp_path / "never"))
     widget.start()

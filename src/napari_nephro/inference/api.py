@@ -40,7 +40,8 @@ class SlideResult:
     stats: RunStats
 
 
-def label_classes(segmenter) -> dict[int, str]:
+def classes_of(segmenter) -> dict[int, str]:
+    """Label value -> class name of what `segmenter` predicts (0 is background)."""
     return {i: name for i, name in enumerate(segmenter.classes, start=1)}
 
 
@@ -92,7 +93,7 @@ def segment_region(
         slide, segmenter, plan, sink, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
     )
     mpp = slide_mpp(slide) * plan.out_downsample
-    return RegionResult(sink.array, plan.region, plan.out_downsample, mpp, label_classes(segmenter), stats)
+    return RegionResult(sink.array, plan.region, plan.out_downsample, mpp, classes_of(segmenter), stats)
 
 
 def segment_slide(
@@ -125,7 +126,7 @@ def segment_slide(
     check_output(out, overwrite=overwrite, resume=resume)
     plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     mpp = slide_mpp(slide)
-    classes = label_classes(segmenter)
+    classes = classes_of(segmenter)
     identity = _json(
         {
             "slide": slide.source.name,

@@ -124,9 +124,7 @@ class RowResampler:
         else:
             self._rows = np.concatenate([self._rows, rows], axis=1)
         available = self._top + self._rows.shape[1]
-        stop = self.next
-        while stop < self.out_h and self.y1[stop] < available:
-            stop += 1
+        stop = max(self.next, int(np.searchsorted(self.y1, available)))  # rows whose lower tap is held
         for a in range(self.next, stop, self.ROW_BLOCK):
             b = min(a + self.ROW_BLOCK, stop)
             yield a, self._resample(a, b)
