@@ -70,3 +70,13 @@ def test_demo_renders_the_sample_slide_in_napari(tmp_path):
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
     pink = (pixels[..., 0] > 200) & (pixels[..., 1] > 120) & (pixels[..., 1] < 190) & (pixels[..., 2] > 160)
     assert pink.mean() > 0.02  # the slide's eosin-pink tissue is on screen, not a blank canvas
+
+
+def test_the_command_starts_without_loading_torch_or_napari():
+    """`nephro info` must answer in a blink: the heavy libraries load only for the commands that need them."""
+    import subprocess
+    import sys
+
+    code = "import sys, napari_nephro.cli; print(sorted(m for m in ('torch', 'napari', 'zarr') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
