@@ -99,3 +99,15 @@ def test_each_network_segments_a_region_through_the_engine(arch, tmp_path):
     assert result.array.shape == (900, 1200) and result.classes == {1: "normal", 2: "sclerosed"}
     assert result.stats.complete and result.stats.predicted > 0
     assert set(np.unique(result.array)) <= {0, 1, 2}
+
+
+def test_sizes_of_zero_are_refused_not_replaced_by_defaults(checkpoint, tmp_path, capsys):
+    png = tmp_path / "plain.png"
+    Image.fromarray(np.full((300, 300, 3), 200, np.uint8)).save(png)
+    args = ["segment", str(png), "--model", str(checkpoint), "--mpp", "0.5", "--out", str(tmp_path / "a.zarr")]
+    assert main([*args, "--tile", "0"]) == 2
+    assert "tile must be positive" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["demo", "--headless", "--slide", str(png), "--mpp", "0.5", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "File exists" in err and err.count("\n") == 1  # an OSError is one line, not a traceback

@@ -209,6 +209,9 @@ def test_bad_training_input_is_refused_before_training(aidpath_subset, tmp_path,
             "is a unet3plus",
         )
     )
+    aidpath = ["--annotations", str(aidpath_subset / "masks"), "--images", str(aidpath_subset / "images")]
+    cases.append(([*aidpath, "--image-mpp", "0.5", "--input", "100"], "multiple of 32"))
+    cases.append(([*aidpath, "--image-mpp", "0.5", "--tile", "0"], "tile_size must be positive"))
     for args, reason in cases:
         assert main([*base, *args]) == 2, args
         err = capsys.readouterr().err

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a folder that is a file, no permission, a full disk: the system's words, one line
+        print(f"nephro: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("nephro: interrupted", file=sys.stderr)
         return 130

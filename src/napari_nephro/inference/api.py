@@ -49,7 +49,7 @@ def _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_backgrou
     return make_plan(
         slide,
         model_mpp=float(segmenter.mpp),
-        tile=int(tile or segmenter.tile_size),
+        tile=int(segmenter.tile_size if tile is None else tile),
         overlap=int(getattr(segmenter, "overlap", 0) if overlap is None else overlap),
         region=region,
         out_downsample=out_downsample,

@@ -48,8 +48,8 @@ class ModelConfig:
             raise ModelError(f"overlap must be in [0, tile_size), not {self.overlap}")
         if not self.mpp or self.mpp <= 0:
             raise ModelError(f"mpp must be positive, not {self.mpp}")
-        if self.arch == "swin_unet" and self.input_size % 32:
-            raise ModelError(f"a Swin encoder needs an input size divisible by 32, not {self.input_size}")
+        if self.input_size % 32:  # five stride-2 stages in every encoder of the family
+            raise ModelError(f"the network input size must be a multiple of 32, not {self.input_size}")
 
     @property
     def out_channels(self) -> int:

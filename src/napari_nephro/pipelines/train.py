@@ -41,9 +41,9 @@ def model_config_for(
             classes=list(classes or ["glomerulus"]),
             encoder=encoder,
             mpp=DEFAULTS["mpp"] if mpp is None else mpp,
-            tile_size=tile or DEFAULTS["tile"],
+            tile_size=DEFAULTS["tile"] if tile is None else tile,
             overlap=DEFAULTS["overlap"] if overlap is None else overlap,
-            input_size=input_size or DEFAULTS["input_size"],
+            input_size=DEFAULTS["input_size"] if input_size is None else input_size,
             decoder=decoder,
         )
         return config, None

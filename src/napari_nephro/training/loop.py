@@ -140,7 +140,7 @@ def check_output(out: Path, *, resume: bool, overwrite: bool) -> Path:
         raise TrainingError(f"{out}: folder {out.parent} does not exist")
     if resume and not (state_dir / STATE).exists():
         raise TrainingError(f"{out}: nothing to resume (no {state_dir.name})")
-    if state_dir.exists() and not resume and not overwrite:
+    if (state_dir / STATE).exists() and not resume and not overwrite:  # a folder without it finished no epoch
         raise TrainingError(
             f"{out}: an unfinished training run is in {state_dir.name}; pass --resume to finish it "
             "or --overwrite to start again"
@@ -173,7 +173,7 @@ def train(
     out = Path(out)
     state_dir = check_output(out, resume=resume, overwrite=overwrite)
     if state_dir.exists() and not resume:
-        shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite
+        shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite, or one that finished no epoch
     if list(tiles.classes) != list(model_config.classes):
         raise TrainingError(f"the tiles' classes {tiles.classes} differ from the model's {model_config.classes}")
     if tiles.images.shape[1] != model_config.input_size:
