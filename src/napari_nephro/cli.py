@@ -21,6 +21,7 @@ from .io import SlideError, open_slide
 from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
+from .prompts import PromptError
 from .training.errors import TrainingError
 
 EXIT_USAGE = 2
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ModelError,
         SegmentError,
         TrainingError,
+        PromptError,
         UserError,
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
@@ -99,7 +101,18 @@ def _parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="run a segmentation model over a slide or a region of it, into a file")
     seg.add_argument("slide", help="slide file, DICOM WSI folder, or plain image")
-    seg.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + model.safetensors)")
+    seg.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder (config.json + model.safetensors), 'default', or seggpt[:FOLDER_OR_HF_ID] with --prompts",
+    )
+    seg.add_argument("--prompts", type=Path, help="SegGPT: prompt set folder (see `nephro prompts add`)")
+    seg.add_argument(
+        "--seggpt-mode",
+        choices=("per_class", "palette"),
+        default="per_class",
+        help="SegGPT: one run per class (default) or one run with a colour per class",
+    )
     seg.add_argument("--out", required=True, type=Path, help="output: .zarr (OME-Zarr labels), .tif, or .geojson")
     seg.add_argument("--region", type=_region, help="X,Y,W,H in level-0 pixels (default: the whole slide)")
     seg.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for slides that do not say")
@@ -107,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=int, help="overlap between tiles (default: the model's)")
     seg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
     seg.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    seg.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    seg.add_argument(
+        "--batch", type=int, default=4, help="tiles per forward pass (default 4; SegGPT: tile x prompt pairs)"
+    )
     seg.add_argument(
         "--readers", type=int, help="threads reading tiles and resampling rows (default: one per core, 2 to 8)"
     )
@@ -163,6 +178,33 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     init.set_defaults(func=cmd_model_init)
 
+    prompts = sub.add_parser("prompts", help="build, list and edit SegGPT prompt sets (examples cut around objects)")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True, metavar="ACTION")
+    add = prompts_sub.add_parser("add", help="cut examples around annotated objects into a prompt set folder")
+    add.add_argument("folder", type=Path, help="prompt set folder (created if missing)")
+    add.add_argument("annotations", type=Path, help="annotation file or folder: GeoJSON, COCO, XML, label images")
+    add.add_argument("--images", required=True, type=Path, help="the annotated slide or image, or a folder of them")
+    add.add_argument("--classes", nargs="+", help="class names of a new set (default: the annotations' labels)")
+    add.add_argument("--map", nargs="+", default=[], metavar="LABEL=CLASS", help="rename labels (LABEL=ignore drops)")
+    add.add_argument("--mpp", type=float, help="micrometres per pixel of the crops of a new set (default 1.0)")
+    add.add_argument("--size", type=int, help="crop side in pixels of a new set (default 448, SegGPT's input)")
+    add.add_argument("--per-class", type=int, help="examples per class, drawn at random (default: every object)")
+    add.add_argument("--seed", type=int, default=0, help="random seed of --per-class (default 0)")
+    add.add_argument("--image-mpp", type=float, help="micrometres per pixel of images that do not say")
+    add.set_defaults(func=cmd_prompts_add)
+    show = prompts_sub.add_parser("list", help="the examples of a prompt set")
+    show.add_argument("folder", type=Path)
+    show.set_defaults(func=cmd_prompts_list)
+    remove = prompts_sub.add_parser("remove", help="remove examples by id")
+    remove.add_argument("folder", type=Path)
+    remove.add_argument("ids", nargs="+", help="example ids (see `nephro prompts list`)")
+    remove.set_defaults(func=cmd_prompts_remove)
+    relabel = prompts_sub.add_parser("relabel", help="give an example's object another class")
+    relabel.add_argument("folder", type=Path)
+    relabel.add_argument("id", help="example id")
+    relabel.add_argument("label", help="its new class (one of the set's)")
+    relabel.set_defaults(func=cmd_prompts_relabel)
+
     demo = sub.add_parser(
         "demo",
         help="the main job offline: the default glomerulus model over a slide (default: the synthetic sample), "
@@ -204,9 +246,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.batch < 1 or (args.readers is not None and args.readers < 1):
         raise UserError("--batch and --readers must be at least 1")
     slide = open_slide(args.slide, mpp=args.mpp)
-    from .models import TorchSegmenter
-
-    segmenter = TorchSegmenter.from_checkpoint(args.model, device=args.device)
+    segmenter = _segmenter(args)
+    _announce_cost(slide, segmenter, args)
     try:
         with _progress_bar("segment", "tile") as bar:
             result = segment_slide(
@@ -238,6 +279,106 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"{result.path}  ({stats.tiles} tiles, {stats.skipped} glass skipped, {stats.predicted} predicted "
         f"in {stats.seconds:.1f} s on {segmenter.device})"
     )
+    return 0
+
+
+def _segmenter(args: argparse.Namespace):
+    """Our checkpoint, or SegGPT with a prompt set (`--model seggpt[:PATH]`)."""
+    name, _, source = str(args.model).partition(":")
+    if name != "seggpt":
+        if args.prompts is not None:
+            raise UserError("--prompts is for SegGPT: use --model seggpt[:FOLDER] with it")
+        from .models import TorchSegmenter
+
+        return TorchSegmenter.from_checkpoint(args.model, device=args.device)
+    if args.prompts is None:
+        raise UserError("SegGPT segments like the examples it is shown: give --prompts PROMPT_SET_FOLDER")
+    if args.tile is not None:
+        raise UserError(
+            "SegGPT tiles have the size of the prompt crops: drop --tile (or cut the prompts at another size)"
+        )
+    from .models.seggpt import SegGptSegmenter
+    from .prompts import PromptSet
+
+    prompts = PromptSet.load(args.prompts)
+    prompts.check_usable()
+    return SegGptSegmenter.load(
+        source or None, prompts, device=args.device, mode=args.seggpt_mode, pairs_per_batch=args.batch
+    )
+
+
+def _announce_cost(slide, segmenter, args: argparse.Namespace) -> None:
+    """Before a SegGPT run: tiles x prompts and the time that takes here, and what to do if it is long."""
+    per_tile = getattr(segmenter, "seconds_per_tile", None)
+    if per_tile is None:
+        return
+    from ._text import duration
+    from .inference import plan_run
+
+    for name in segmenter.missing_classes():
+        print(f"nephro: note: class {name!r} has no example in the prompt set: it will not be found", file=sys.stderr)
+    plan = plan_run(slide, segmenter, args.region, overlap=args.overlap, skip_background=not args.all_tiles)
+    tiles = len(plan.tiles) - plan.skipped
+    seconds = tiles * per_tile()
+    advice = ""
+    if segmenter.device.type == "cpu" and seconds > 600:
+        advice = "; on a CPU, segment a --region (a few glomeruli) or use a GPU (--device cuda)"
+    print(
+        f"nephro: SegGPT: {tiles} tissue tiles x {segmenter.prompt_count} prompts, about {duration(seconds)} "
+        f"on {segmenter.device.type}{advice}",
+        file=sys.stderr,
+    )
+
+
+def cmd_prompts_add(args: argparse.Namespace) -> int:
+    from .pipelines.prompts import add_from_files
+
+    result = add_from_files(
+        args.folder,
+        args.annotations,
+        args.images,
+        classes=args.classes,
+        class_map=_pairs(args.map, "--map"),
+        mpp=args.mpp,
+        size=args.size,
+        per_class=args.per_class,
+        seed=args.seed,
+        image_mpp=args.image_mpp,
+    )
+    for note in result.skipped:
+        print(f"nephro: note: {note}", file=sys.stderr)
+    print(f"{result.folder}: {len(result.added)} examples added; {result.prompts.describe()}")
+    return 0
+
+
+def cmd_prompts_list(args: argparse.Namespace) -> int:
+    from .prompts import PromptSet
+
+    prompts = PromptSet.load(args.folder)
+    print(f"{args.folder}: {prompts.describe()}")
+    for e in prompts.examples:
+        x, y, w, h = e.location
+        print(f"{e.id}  {e.label:<22} {e.source}  at x={x:.0f} y={y:.0f} ({w:.0f} x {h:.0f} px)")
+    return 0
+
+
+def cmd_prompts_remove(args: argparse.Namespace) -> int:
+    from .prompts import PromptSet
+
+    prompts = PromptSet.load(args.folder)
+    prompts.remove(*args.ids)
+    prompts.save(args.folder, overwrite=True)
+    print(f"{args.folder}: removed {', '.join(args.ids)}; {prompts.describe()}")
+    return 0
+
+
+def cmd_prompts_relabel(args: argparse.Namespace) -> int:
+    from .prompts import PromptSet
+
+    prompts = PromptSet.load(args.folder)
+    prompts.relabel(args.id, args.label)
+    prompts.save(args.folder, overwrite=True)
+    print(f"{args.folder}: {args.id} is now {args.label}; {prompts.describe()}")
     return 0
 
 

@@ -5,7 +5,7 @@ Nothing here imports napari or torch: the engine talks to models through the
 nuclei models share it.
 """
 
-from .api import RegionResult, SlideResult, classes_of, segment_region, segment_slide
+from .api import RegionResult, SlideResult, classes_of, plan_run, segment_region, segment_slide
 from .engine import Progress, RunStats
 from .errors import SegmentError
 from .output import partial_path
@@ -21,6 +21,7 @@ __all__ = [
     "classes_of",
     "make_plan",
     "partial_path",
+    "plan_run",
     "segment_region",
     "segment_slide",
 ]

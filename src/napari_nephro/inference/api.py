@@ -45,7 +45,16 @@ def classes_of(segmenter) -> dict[int, str]:
     return {i: name for i, name in enumerate(segmenter.classes, start=1)}
 
 
-def _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background) -> Plan:
+def plan_run(
+    slide: Slide,
+    segmenter,
+    region: tuple[float, float, float, float] | None = None,
+    out_downsample: float = 1.0,
+    tile: int | None = None,
+    overlap: int | None = None,
+    skip_background: bool = True,
+) -> Plan:
+    """The tiles a run would compute (`len(plan.tiles) - plan.skipped` hold tissue): for estimates before a run."""
     return make_plan(
         slide,
         model_mpp=float(segmenter.mpp),
@@ -79,7 +88,7 @@ def segment_region(
     did not reach are background.
     """
     _check_threshold(threshold)
-    plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     height, width = plan.out_shape
     channels = channels_of(segmenter)
     size = height * width * (4 * channels if probabilities else 1)
@@ -124,7 +133,7 @@ def segment_slide(
     _check_threshold(threshold)
     out = Path(out)
     check_output(out, overwrite=overwrite, resume=resume)
-    plan = _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     mpp = slide_mpp(slide)
     classes = classes_of(segmenter)
     identity = _json(

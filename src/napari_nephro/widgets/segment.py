@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._text import duration
 from ..inference import Progress, SegmentError, partial_path
 from ..io import SlideError
 from ..models import ModelError
@@ -228,7 +229,7 @@ class SegmentWidget(QWidget):
         if self._bar is None:
             self._bar = progress(total=p.total, desc="Segment")
         self._bar.update(p.done - self._bar.n)
-        eta = "" if p.eta_seconds is None else f", about {_duration(p.eta_seconds)} left"
+        eta = "" if p.eta_seconds is None else f", about {duration(p.eta_seconds)} left"
         self.status.setText(f"{p.done} / {p.total} tiles, {p.tiles_per_second:.2f} tiles/s{eta}")
 
     def _finished(self, layer, outcome) -> None:
@@ -237,7 +238,7 @@ class SegmentWidget(QWidget):
             return
         kind, result = outcome
         stats = result.stats
-        note = f"{stats.tiles} tiles ({stats.skipped} glass skipped) in {_duration(stats.seconds)}"
+        note = f"{stats.tiles} tiles ({stats.skipped} glass skipped) in {duration(stats.seconds)}"
         if kind == "slide":
             if result.path is None:
                 self.status.setText(
@@ -338,11 +339,3 @@ def _rectangle(viewer, slide_layer) -> tuple[float, float, float, float]:
 
 def _model_name(widget: SegmentWidget) -> str:
     return Path(widget.model_edit.text().strip()).name or "model"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

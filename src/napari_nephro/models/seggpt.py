@@ -1,0 +1,295 @@
+"""SegGPT (transformers) as a `Segmenter`: segment tiles the way a few painted examples are painted.
+
+Two ways to get class labels, not grey levels:
+- `per_class` (default, as in the BMC Nephrology paper): one run per class with
+  that class's examples as white-on-black prompts; a pixel goes to the class that
+  paints it most surely, if any paints it white.
+- `palette`: one run with every example, each class painted in its colour of the
+  processor's palette; a pixel goes to the nearest palette colour.
+Several prompts for one tile are combined by SegGPT's feature ensemble (features
+averaged across prompts inside the encoder). The ensemble is done per tile by
+hooks on the attention blocks, so several tiles x prompts fill one batch on a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..prompts import PromptError, PromptSet
+from .device import pick_device
+from .errors import ModelError
+
+HF_ID = "BAAI/seggpt-vit-large"
+MODES = ("per_class", "palette")
+SCORE_SCALE = 16.0  # grey levels per logit: a pixel painted 32 levels above mid-grey is ~88% foreground
+# one 448-px tile with one prompt, ViT-L, measured by benchmarks/bench_seggpt.py
+SECONDS_PER_PAIR = {"cpu": 15.0, "mps": 2.0, "cuda": 0.05}
+VIT_L_PARAMETERS = 370e6
+PAIRS_PER_BATCH = {"cpu": 1, "mps": 4, "cuda": 16}  # tile x prompt pairs in one forward pass
+
+
+def _missing(source: str, reason: str) -> ModelError:
+    return ModelError(
+        f"SegGPT weights {source!r} are not available here ({reason}): on a machine with internet run "
+        f"`hf download {HF_ID} --local-dir seggpt-vit-large` (1.5 GB), copy the folder here and give it as "
+        "--model seggpt:PATH (or the SegGPT field in napari)"
+    )
+
+
+def load_seggpt(source: str | os.PathLike[str] | None = None):
+    """Model and image processor from a local folder, else a Hugging Face id (cache, then download)."""
+    from transformers import SegGptForImageSegmentation, SegGptImageProcessor
+
+    source = str(source or HF_ID)
+    path = Path(source).expanduser()
+    local = path.exists()
+    if local and not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a SegGPT folder (no config.json); it should hold a download of {HF_ID}")
+    name = str(path) if local else source
+    if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise _missing(source, "no such folder")
+    try:
+        model = SegGptForImageSegmentation.from_pretrained(name, local_files_only=local)
+    except OSError as exc:
+        raise _missing(source, str(exc).splitlines()[0][:160]) from None
+    except ValueError as exc:  # a folder of another model type
+        raise ModelError(f"{source}: not a SegGPT checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    try:
+        processor = SegGptImageProcessor.from_pretrained(name, local_files_only=local)
+    except OSError:  # weights without a preprocessor_config.json: the processor's defaults are SegGPT's
+        processor = SegGptImageProcessor()
+    return model, processor
+
+
+def seggpt_fingerprint(source: str | os.PathLike[str] | None) -> str:
+    """Identifies the weights without reading 1.5 GB: file names, sizes and the config's bytes."""
+    path = Path(str(source or HF_ID)).expanduser()
+    digest = hashlib.sha256(str(source or HF_ID).encode())
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        digest.update((path / "config.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class SegGptSegmenter:
+    """SegGPT with a prompt set: tiles at the set's mpp and crop size, class probabilities back."""
+
+    kind: Literal["semantic"] = "semantic"
+
+    def __init__(
+        self,
+        model,
+        processor,
+        prompts: PromptSet,
+        *,
+        mode: str = "per_class",
+        device: torch.device | str = "cpu",
+        fingerprint: str = "",
+        pairs_per_batch: int | None = None,
+        embedding_type: str = "instance",
+    ) -> None:
+        if mode not in MODES:
+            raise ModelError(f"unknown SegGPT mode {mode!r}: choose {' or '.join(MODES)}")
+        prompts.check_usable()
+        self.device = torch.device(device)
+        self.half = self.device.type == "cuda"
+        self.model = model.to(self.device, dtype=torch.float16 if self.half else torch.float32).eval()
+        self.processor, self.prompts, self.mode = processor, prompts, mode
+        self.embedding_type = embedding_type
+        width = model.config.image_size[1] if isinstance(model.config.image_size, list | tuple) else None
+        self.input_size = int(width or model.config.image_size)
+        processor_size = processor.size.get("width") if isinstance(processor.size, dict) else None
+        if processor_size and processor_size != self.input_size:
+            raise ModelError(f"the SegGPT processor resizes to {processor_size} px, the model takes {self.input_size}")
+        self.classes = list(prompts.classes)
+        self.mpp, self.tile_size = prompts.mpp, prompts.size
+        self.overlap = prompts.size // 4
+        self.pairs_per_batch = pairs_per_batch or PAIRS_PER_BATCH.get(self.device.type, 1)
+        self.fingerprint = hashlib.sha256(
+            f"{fingerprint}:{prompts.fingerprint()}:{mode}:{embedding_type}".encode()
+        ).hexdigest()[:16]
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self._groups = self._prepare_prompts()
+        self._ensemble = 1  # prompts per tile in the batch being run; read by the hooks
+        self._hooks = [
+            layer.attention.register_forward_hook(self._hook(i)) for i, layer in enumerate(model.model.encoder.layers)
+        ]
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike[str] | None,
+        prompts: PromptSet,
+        *,
+        device: str = "auto",
+        mode: str = "per_class",
+        pairs_per_batch: int | None = None,
+    ) -> SegGptSegmenter:
+        prompts.check_usable()
+        target = pick_device(device)
+        model, processor = load_seggpt(source)
+        return cls(
+            model,
+            processor,
+            prompts,
+            mode=mode,
+            device=target,
+            fingerprint=seggpt_fingerprint(source),
+            pairs_per_batch=pairs_per_batch,
+        )
+
+    # -- prompts ---------------------------------------------------------------------
+    @property
+    def prompt_count(self) -> int:
+        return sum(len(g[1]) for g in self._groups)
+
+    def missing_classes(self) -> list[str]:
+        """Classes without an example: SegGPT cannot find them."""
+        return [c for c, n in self.prompts.counts().items() if not n]
+
+    def _prepare_prompts(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, int]]:
+        """(class ids, prompt images, prompt masks, palette size) per run: one per class, or one for all."""
+        if self.mode == "palette":
+            examples = self.prompts.examples
+            masks = [e.mask for e in examples]
+            runs = [(list(range(1, len(self.classes) + 1)), examples, masks, len(self.classes))]
+        else:
+            runs = []
+            for class_id, name in enumerate(self.classes, start=1):
+                examples = self.prompts.of_class(name)
+                if examples:
+                    masks = [(e.mask == class_id).astype(np.uint8) for e in examples]
+                    runs.append(([class_id], examples, masks, 1))
+        groups = []
+        for ids, examples, masks, labels in runs:
+            encoded = self.processor(
+                images=None,
+                prompt_images=[e.image for e in examples],
+                prompt_masks=masks,
+                num_labels=labels,
+                return_tensors="pt",
+            )
+            dtype = torch.float16 if self.half else torch.float32
+            groups.append(
+                (
+                    ids,
+                    encoded["prompt_pixel_values"].to(self.device, dtype),
+                    encoded["prompt_masks"].to(self.device, dtype),
+                    labels,
+                )
+            )
+        return groups
+
+    # -- feature ensemble, per tile ---------------------------------------------------
+    def _hook(self, index: int):
+        """Average the target half of the attention output over each tile's prompts (SegGPT's ensemble).
+
+        Up to `merge_index` the batch holds the image stream then the mask stream
+        (2 x tiles x prompts), afterwards tiles x prompts; the batch is tile-major.
+        At `merge_index` itself both streams are averaged too, as transformers does.
+        """
+        merge = self.model.config.merge_index
+        streams, dims = (2, (2,)) if index < merge else (2, (0, 2)) if index == merge else (1, (2,))
+
+        def hook(_module, _inputs, output):
+            group = self._ensemble
+            if group < 2:
+                return None
+            hidden = output[0]
+            prompt, target = hidden.split(hidden.shape[1] // 2, dim=1)
+            shape = target.shape
+            grouped = target.reshape(streams, -1, group, *shape[1:])
+            target = grouped.mean(dim=dims, keepdim=True).expand_as(grouped).reshape(shape)
+            return (torch.cat([prompt, target], dim=1), *output[1:])
+
+        return hook
+
+    # -- prediction -------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> (N, C, H, W) float32: a foreground probability for one class,
+        else background then each class."""
+        if tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ValueError(f"tiles must be (N, H, W, 3) RGB, not {tiles.shape}")
+        n, height, width = tiles.shape[:3]
+        pixels = self.processor(images=list(tiles), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.device, torch.float16 if self.half else torch.float32)
+        scores = torch.zeros((n, len(self.classes) + 1, self.input_size, self.input_size), device=self.device)
+        for ids, prompt_pixels, prompt_masks, labels in self._groups:
+            distances = self._paint(pixels, prompt_pixels, prompt_masks, labels)  # (N, L + 1, S, S)
+            if self.mode == "palette":
+                scores = torch.softmax(-distances / self._temperature(), dim=1)
+            else:
+                foreground = torch.softmax(-distances / self._temperature(), dim=1)[:, 1]
+                scores[:, ids[0]] = foreground
+        if self.mode == "per_class":
+            best = scores[:, 1:].amax(dim=1)
+            scores[:, 0] = 1 - best
+            scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        if len(self.classes) == 1:
+            scores = scores[:, 1:]
+        if (height, width) != scores.shape[-2:]:
+            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        return scores.float().cpu().numpy()
+
+    @staticmethod
+    def _temperature() -> float:
+        # softmax over -(squared RGB distance): the distances of two palette colours 255 apart differ by
+        # 2 * 255 * 3 per grey level summed over 3 channels
+        return 2 * 255 * 3 * SCORE_SCALE
+
+    def _paint(self, pixels, prompt_pixels, prompt_masks, labels: int) -> torch.Tensor:
+        """SegGPT's painting of every tile after the prompts, as squared distances to each palette colour."""
+        prompts = len(prompt_pixels)
+        tiles_per_pass = max(1, self.pairs_per_batch // prompts)
+        out = []
+        for start in range(0, len(pixels), tiles_per_pass):
+            chunk = pixels[start : start + tiles_per_pass]
+            t = len(chunk)
+            self._ensemble = prompts
+            try:
+                painted = self.model(
+                    pixel_values=chunk.repeat_interleave(prompts, dim=0),
+                    prompt_pixel_values=prompt_pixels.repeat(t, 1, 1, 1),
+                    prompt_masks=prompt_masks.repeat(t, 1, 1, 1),
+                    embedding_type=self.embedding_type,
+                    feature_ensemble=False,
+                ).pred_masks
+            finally:
+                self._ensemble = 1
+            painted = painted[:, :, painted.shape[2] // 2 :, :].float()
+            painted = painted.reshape(t, prompts, *painted.shape[1:])[:, 0]  # ensembled: every prompt paints alike
+            out.append(self._distances(painted, labels))
+        return torch.cat(out)
+
+    def _distances(self, painted: torch.Tensor, labels: int) -> torch.Tensor:
+        mean = torch.tensor(self.processor.image_mean, device=painted.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.processor.image_std, device=painted.device).view(1, 3, 1, 1)
+        rgb = ((painted * std + mean) * 255).clamp(0, 255)
+        palette = torch.tensor(self.processor.get_palette(labels), dtype=torch.float32, device=painted.device)
+        return ((rgb.unsqueeze(1) - palette.view(1, -1, 3, 1, 1)) ** 2).sum(dim=2)
+
+    # -- cost -------------------------------------------------------------------------
+    def seconds_per_tile(self) -> float:
+        """What one tile costs with all prompts, from benchmark figures scaled by the network's size."""
+        per_pair = SECONDS_PER_PAIR.get(self.device.type, SECONDS_PER_PAIR["cpu"])
+        return per_pair * self.prompt_count * self.parameters / VIT_L_PARAMETERS
+
+
+def estimate_seconds(segmenter, tiles: int) -> float | None:
+    """Seconds a run of `tiles` tissue tiles will take, for models that can tell (SegGPT); else None."""
+    per_tile = getattr(segmenter, "seconds_per_tile", None)
+    return None if per_tile is None else math.ceil(tiles * per_tile())
+
+
+__all__ = ["HF_ID", "MODES", "PromptError", "SegGptSegmenter", "estimate_seconds", "load_seggpt"]

@@ -1,0 +1,26 @@
+"""Prompt sets for SegGPT: a few examples (image crop + class mask) cut around painted or annotated objects.
+
+A `PromptSet` is saved as a folder of PNG pairs plus a JSON index, so it can be
+reopened, reviewed and shared. Nothing here imports napari or torch; the cutting
+code (scipy) loads on first use, so the CLI starts fast.
+"""
+
+from importlib import import_module
+
+from .errors import PromptError
+
+_LAZY = {
+    "SEGGPT_INPUT": "promptset",
+    "Example": "promptset",
+    "PromptSet": "promptset",
+    "examples_from_annotations": "cut",
+    "examples_from_labels": "cut",
+}
+
+__all__ = ["PromptError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
