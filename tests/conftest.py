@@ -84,3 +84,31 @@ def notifications(monkeypatch) -> list[str]:
     shown: list[str] = []
     monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))
     return shown
+
+
+def tiny_seggpt(folder: Path | None = None, input_size: int = 32, seed: int = 0):
+    """The real SegGPT architecture at toy size, random weights (no download); saved like a Hub download
+    (config.json, model.safetensors, preprocessor_config.json) when `folder` is given."""
+    import torch
+    from transformers import SegGptConfig, SegGptForImageSegmentation, SegGptImageProcessor
+
+    torch.manual_seed(seed)
+    config = SegGptConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_dim=64,
+        image_size=(2 * input_size, input_size),
+        patch_size=16,
+        pretrain_image_size=input_size,
+        decoder_hidden_size=8,
+        merge_index=1,
+        intermediate_hidden_state_indices=(2, 3),
+        drop_path_rate=0.0,
+    )
+    model = SegGptForImageSegmentation(config).eval()
+    processor = SegGptImageProcessor(size={"height": input_size, "width": input_size})
+    if folder is not None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return model, processor

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,7 @@ from .device import pick_device
 from .errors import ModelError
 
 HF_ID = "BAAI/seggpt-vit-large"
+HUB_HOST = "huggingface.co"
 MODES = ("per_class", "palette")
 SCORE_SCALE = 16.0  # grey levels per logit: a pixel painted 32 levels above mid-grey is ~88% foreground
 # one 448-px tile with one prompt, ViT-L, measured by benchmarks/bench_seggpt.py
@@ -57,16 +59,36 @@ def load_seggpt(source: str | os.PathLike[str] | None = None):
     if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise _missing(source, "no such folder")
     try:
-        model = SegGptForImageSegmentation.from_pretrained(name, local_files_only=local)
+        model = _from_pretrained(SegGptForImageSegmentation, name, local)
     except OSError as exc:
         raise _missing(source, str(exc).splitlines()[0][:160]) from None
     except ValueError as exc:  # a folder of another model type
         raise ModelError(f"{source}: not a SegGPT checkpoint ({str(exc).splitlines()[0][:160]})") from None
     try:
-        processor = SegGptImageProcessor.from_pretrained(name, local_files_only=local)
+        processor = _from_pretrained(SegGptImageProcessor, name, local)
     except OSError:  # weights without a preprocessor_config.json: the processor's defaults are SegGPT's
         processor = SegGptImageProcessor()
     return model, processor
+
+
+def _from_pretrained(kind, name: str, local: bool):
+    """From a folder, else the Hugging Face cache, else a download; offline, fail at once instead of retrying."""
+    if local:
+        return kind.from_pretrained(name, local_files_only=True)
+    try:
+        return kind.from_pretrained(name, local_files_only=True)
+    except OSError:
+        if not _online(HUB_HOST):
+            raise OSError("not in the Hugging Face cache, and huggingface.co cannot be reached") from None
+        return kind.from_pretrained(name)
+
+
+def _online(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def seggpt_fingerprint(source: str | os.PathLike[str] | None) -> str:
@@ -222,7 +244,7 @@ class SegGptSegmenter:
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"tiles must be (N, H, W, 3) RGB, not {tiles.shape}")
         n, height, width = tiles.shape[:3]
-        pixels = self.processor(images=list(tiles), return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=list(np.array(tiles)), return_tensors="pt")["pixel_values"]  # writable copies
         pixels = pixels.to(self.device, torch.float16 if self.half else torch.float32)
         scores = torch.zeros((n, len(self.classes) + 1, self.input_size, self.input_size), device=self.device)
         for ids, prompt_pixels, prompt_masks, labels in self._groups:
