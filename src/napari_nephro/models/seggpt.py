@@ -14,7 +14,6 @@ hooks on the attention blocks, so several tiles x prompts fill one batch on a GP
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import socket
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..prompts import PromptError, PromptSet
+from ..prompts import PromptSet
 from .device import pick_device
 from .errors import ModelError
 
@@ -303,15 +302,14 @@ class SegGptSegmenter:
 
     # -- cost -------------------------------------------------------------------------
     def seconds_per_tile(self) -> float:
-        """What one tile costs with all prompts, from benchmark figures scaled by the network's size."""
-        per_pair = SECONDS_PER_PAIR.get(self.device.type, SECONDS_PER_PAIR["cpu"])
-        return per_pair * self.prompt_count * self.parameters / VIT_L_PARAMETERS
+        """What one tile costs with all prompts here (benchmark figures scaled by the network's size)."""
+        return seconds_per_tile(self.prompt_count, self.device.type, self.parameters)
 
 
-def estimate_seconds(segmenter, tiles: int) -> float | None:
-    """Seconds a run of `tiles` tissue tiles will take, for models that can tell (SegGPT); else None."""
-    per_tile = getattr(segmenter, "seconds_per_tile", None)
-    return None if per_tile is None else math.ceil(tiles * per_tile())
+def seconds_per_tile(prompts: int, device: str, parameters: float = VIT_L_PARAMETERS) -> float:
+    """Seconds SegGPT spends on one tile with `prompts` prompts on a `device` ("cpu", "cuda", "mps")."""
+    per_pair = SECONDS_PER_PAIR.get(device, SECONDS_PER_PAIR["cpu"])
+    return per_pair * prompts * parameters / VIT_L_PARAMETERS
 
 
-__all__ = ["HF_ID", "MODES", "PromptError", "SegGptSegmenter", "estimate_seconds", "load_seggpt"]
+__all__ = ["HF_ID", "MODES", "SegGptSegmenter", "load_seggpt", "seconds_per_tile"]

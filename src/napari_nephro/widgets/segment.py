@@ -45,6 +45,7 @@ ERRORS = (SegmentError, ModelError, SlideError, OSError)
 
 class SegmentWidget(QWidget):
     progressed = Signal(object)
+    errors = ERRORS  # the users' mistakes: shown in the status line, never as a traceback
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
@@ -74,7 +75,7 @@ class SegmentWidget(QWidget):
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_edit)
         model_row.addWidget(self.browse_button)
-        form = QFormLayout()
+        self.form = form = QFormLayout()
         form.addRow("Slide", self.slide_combo)
         form.addRow("Model", model_row)
         form.addRow("", self.model_info)
@@ -177,11 +178,11 @@ class SegmentWidget(QWidget):
             return
         try:
             job = self._job(layer)
-        except ERRORS as exc:
+        except self.errors as exc:
             self.status.setText(str(exc))
             return
         self._cancel.clear()
-        self._worker = create_worker(catching(job, ERRORS))
+        self._worker = create_worker(catching(job, self.errors))
         self._worker.returned.connect(lambda result: self._finished(layer, result))
         self._worker.errored.connect(self._failed)
         self._worker.finished.connect(self._idle)
