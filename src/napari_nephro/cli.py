@@ -121,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
     seg.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seg.add_argument(
-        "--batch", type=int, default=4, help="tiles per forward pass (default 4; SegGPT: tile x prompt pairs)"
+        "--batch",
+        type=int,
+        help="tiles per forward pass (default 4); SegGPT: tile x prompt pairs per pass (default 1 on CPU, 16 on CUDA)",
     )
     seg.add_argument(
         "--readers", type=int, help="threads reading tiles and resampling rows (default: one per core, 2 to 8)"
@@ -243,8 +245,11 @@ def _region(text: str) -> tuple[float, float, float, float]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import partial_path, segment_slide
 
-    if args.batch < 1 or (args.readers is not None and args.readers < 1):
+    if (args.batch is not None and args.batch < 1) or (args.readers is not None and args.readers < 1):
         raise UserError("--batch and --readers must be at least 1")
+    from .inference.output import check_output
+
+    check_output(args.out, overwrite=args.overwrite, resume=args.resume)  # before a model of seconds to load
     slide = open_slide(args.slide, mpp=args.mpp)
     segmenter = _segmenter(args)
     _announce_cost(slide, segmenter, args)
@@ -258,7 +263,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
                 tile=args.tile,
                 overlap=args.overlap,
-                batch_size=args.batch,
+                batch_size=args.batch or 4,
                 readers=args.readers,
                 skip_background=not args.all_tiles,
                 resume=args.resume,
@@ -317,6 +322,12 @@ def _announce_cost(slide, segmenter, args: argparse.Namespace) -> None:
 
     for name in segmenter.missing_classes():
         print(f"nephro: note: class {name!r} has no example in the prompt set: it will not be found", file=sys.stderr)
+    if slide.mpp is not None and slide.mpp > 1.5 * segmenter.mpp:
+        print(
+            f"nephro: note: the slide ({slide.mpp:g} um/px) is coarser than the prompts ({segmenter.mpp:g} um/px): "
+            "its tiles are enlarged to the prompts' scale and look blurrier than the examples",
+            file=sys.stderr,
+        )
     plan = plan_run(slide, segmenter, args.region, overlap=args.overlap, skip_background=not args.all_tiles)
     tiles = len(plan.tiles) - plan.skipped
     seconds = tiles * per_tile()
