@@ -1,12 +1,11 @@
-"""Segmentation models: the `Segmenter` protocol and the U-Net family of the BMC Nephrology paper.
+"""Segmentation models: the `Segmenter` protocol, the U-Net family of the BMC Nephrology paper, and SegGPT.
 
 Checkpoints are folders (`config.json` + `model.safetensors`); nothing is unpickled.
 Nothing here imports napari, and torch is imported only when a network is needed,
 so `nephro` starts fast.
 """
 
-from importlib import import_module
-
+from .._lazy import lazy_attributes
 from .config import ARCHITECTURES, ModelConfig
 from .errors import ModelError
 
@@ -20,12 +19,10 @@ _LAZY = {
     "DEFAULT": "checkpoint",
     "Segmenter": "segmenter",
     "TorchSegmenter": "segmenter",
+    "SegGptSegmenter": "seggpt",
+    "load_seggpt": "seggpt",
 }
 
 __all__ = ["ARCHITECTURES", "ModelConfig", "ModelError", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

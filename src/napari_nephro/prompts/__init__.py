@@ -5,8 +5,7 @@ reopened, reviewed and shared. Nothing here imports napari or torch; the cutting
 code (scipy) loads on first use, so the CLI starts fast.
 """
 
-from importlib import import_module
-
+from .._lazy import lazy_attributes
 from .errors import PromptError
 
 _LAZY = {
@@ -19,8 +18,4 @@ _LAZY = {
 
 __all__ = ["PromptError", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -3,8 +3,7 @@
 torch is imported only when training is used, so `nephro` starts fast.
 """
 
-from importlib import import_module
-
+from .._lazy import lazy_attributes
 from .errors import TrainingError
 
 _LAZY = {
@@ -21,8 +20,4 @@ _LAZY = {
 
 __all__ = ["TrainingError", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -305,13 +305,11 @@ class PromptsWidget(SegmentWidget):
         from ..models.seggpt import SegGptSegmenter
 
         source = self.model_edit.text().strip() or None
-        key = (source, self.device_combo.currentText(), self.prompts.fingerprint(), self.mode_combo.currentText())
-        if self._segmenter is None or key != self._segmenter_key:
-            self._segmenter = SegGptSegmenter.load(
-                source, self.prompts, device=key[1], mode=key[3], pairs_per_batch=self.batch_spin.value()
-            )
-            self._segmenter_key = key
-        return self._segmenter
+        device, mode, pairs = self.device_combo.currentText(), self.mode_combo.currentText(), self.batch_spin.value()
+        key = (source, device, mode, pairs, self.prompts.fingerprint())
+        return self._cached(
+            key, lambda: SegGptSegmenter.load(source, self.prompts, device=device, mode=mode, pairs_per_batch=pairs)
+        )
 
     def run(self) -> None:
         """Say what the run costs first; a long one starts only when Run is pressed again."""

@@ -146,8 +146,12 @@ class SegmentWidget(QWidget):
         key = (self.model_edit.text().strip(), self.device_combo.currentText())
         if not key[0]:
             raise ModelError("choose a checkpoint folder first")
+        return self._cached(key, lambda: TorchSegmenter.from_checkpoint(key[0], device=key[1]))
+
+    def _cached(self, key: tuple, load):
+        """The model loaded for `key`, loading it again only when the key changes."""
         if self._segmenter is None or key != self._segmenter_key:
-            self._segmenter = TorchSegmenter.from_checkpoint(key[0], device=key[1])
+            self._segmenter = load()
             self._segmenter_key = key
         return self._segmenter
 
