@@ -65,6 +65,26 @@ def test_painted_objects_become_examples_in_the_gallery(widget):
     assert "remove them to change the crops" in widget.prompt_status.text() and widget.prompts.mpp == 2.0
 
 
+def test_any_labels_layer_that_names_its_classes_can_be_the_painting(widget):
+    """A segmentation result or a label file says which value is which class: its objects keep their class."""
+    slide_layer = widget.viewer.layers[0]
+    data = np.zeros((2967 // 4, 2220 // 4), np.uint8)
+    data[150:170, 200:225] = 1  # level-0 around (850, 640)
+    scale = tuple(np.asarray(slide_layer.scale) * 4)
+    translate = tuple(np.asarray(slide_layer.translate) + np.asarray(slide_layer.scale) * 1.5)
+    kwargs = {"scale": scale, "translate": translate}
+    widget.viewer.add_labels(data, name="result", metadata={"classes": {1: "global sclerosis"}}, **kwargs)
+    widget.paint_combo.setCurrentText("result")
+    widget.add_painted()
+    assert [e.label for e in widget.prompts.examples] == ["global sclerosis"], widget.prompt_status.text()
+    x, y, w, h = widget.prompts.examples[0].location
+    assert (x + w / 2, y + h / 2) == pytest.approx((850, 640), abs=1)
+    widget.viewer.add_labels(data, name="other", metadata={"classes": {1: "glomerulus"}}, **kwargs)
+    widget.paint_combo.setCurrentText("other")
+    widget.add_painted()
+    assert "glomerulus are not among the prompt set's classes" in widget.prompt_status.text()
+
+
 def test_review_save_and_load_a_prompt_set(widget, make_napari_viewer, tmp_path):
     paint_two(widget)
     widget.add_painted()

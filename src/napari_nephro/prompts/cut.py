@@ -75,11 +75,15 @@ def examples_from_labels(
             f"label value(s) {', '.join(map(str, unknown))} have no class (the classes are "
             f"{', '.join(f'{k}={v}' for k, v in values.items())}): name them or repaint"
         )
-    for name in values.values():
-        prompts.class_id(name)  # every class must be in the set
-    lut = np.zeros(max(max(present), max(values)) + 1, np.uint8)
-    for value, name in values.items():
-        lut[value] = prompts.class_id(name)
+    foreign = sorted({values[v] for v in present} - set(prompts.classes))
+    if foreign:
+        raise PromptError(
+            f"the painting's class(es) {', '.join(foreign)} are not among the prompt set's classes "
+            f"({', '.join(prompts.classes)}): add them to the classes"
+        )
+    lut = np.zeros(max(present) + 1, np.uint8)
+    for value in present:
+        lut[value] = prompts.class_id(values[value])
     components, _ = ndimage.label(labels > 0)
     ox, oy = origin
     examples, skipped = [], []

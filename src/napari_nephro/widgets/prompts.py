@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 from .._text import duration
 from ..annotations.colors import class_color
 from ..inference import SegmentError
+from ..layer_annotations import label_classes
 from ..prompts import PromptError
 from ._layers import chosen, labels_layers, refill
 from .segment import ERRORS, SegmentWidget, aligned
@@ -75,6 +76,8 @@ class PromptsWidget(SegmentWidget):
         self.relabel_button = QPushButton("Relabel selected as")
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("prompt set folder (PNG pairs + prompts.json)")
+        self.folder_button = QPushButton("…")
+        self.folder_button.setToolTip("choose the prompt set folder")
         self.save_button = QPushButton("Save")
         self.load_button = QPushButton("Load")
         self.prompt_status = QLabel("")
@@ -114,6 +117,7 @@ class PromptsWidget(SegmentWidget):
         form.addRow(edit)
         files = QHBoxLayout()
         files.addWidget(self.folder_edit)
+        files.addWidget(self.folder_button)
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
         form.addRow("Prompt set", files)
@@ -125,6 +129,7 @@ class PromptsWidget(SegmentWidget):
         self.add_button.clicked.connect(self.add_painted)
         self.remove_button.clicked.connect(self.remove_selected)
         self.relabel_button.clicked.connect(self.relabel_selected)
+        self.folder_button.clicked.connect(self._choose_folder)
         self.save_button.clicked.connect(self.save)
         self.load_button.clicked.connect(self.load)
         self.where_combo.currentTextChanged.connect(lambda _: self.cost.setText(""))
@@ -204,7 +209,12 @@ class PromptsWidget(SegmentWidget):
         return paint
 
     def add_painted(self) -> None:
-        """Cut an example around every painted object not yet in the set."""
+        """Cut an example around every painted object not yet in the set.
+
+        Label values are the classes in order, or what the layer itself says (a
+        segmentation result or a label file names its classes): any such layer
+        can serve as the painting.
+        """
         from ..prompts import examples_from_labels
 
         slide_layer, paint = self.slide_layer(), self.paint_layer()
@@ -215,8 +225,14 @@ class PromptsWidget(SegmentWidget):
                 raise PromptError("paint on a Labels layer first (New prompt layer)")
             self._set_scale()
             downsample, origin = _placement(paint, slide_layer)
+            values = label_classes({"metadata": paint.metadata, "features": paint.features}) or None
             examples, skipped = examples_from_labels(
-                slide_layer.metadata["slide"], _plane(paint), self.prompts, downsample=downsample, origin=origin
+                slide_layer.metadata["slide"],
+                _plane(paint),
+                self.prompts,
+                downsample=downsample,
+                origin=origin,
+                values=values,
             )
         except PromptError as exc:
             self.prompt_status.setText(str(exc))
@@ -269,6 +285,13 @@ class PromptsWidget(SegmentWidget):
             self.prompts.relabel(example_id, label)
         self._show_set()
         self.prompt_status.setText(self.prompts.describe())
+
+    def _choose_folder(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self, "Prompt set folder")
+        if folder:
+            self.folder_edit.setText(folder)
 
     def save(self) -> None:
         folder = self.folder_edit.text().strip()
