@@ -106,21 +106,36 @@ def test_review_save_and_load_a_prompt_set(widget, make_napari_viewer, tmp_path)
     assert not other.mpp_spin.isEnabled(), "a set's scale is fixed once it has examples"
 
 
-def test_segment_the_field_of_view_with_seggpt(widget, qtbot):
+def test_segment_the_field_of_view_with_seggpt(widget, qtbot, monkeypatch):
+    from napari_nephro.models import seggpt
+
+    loads = []
+    load = seggpt.load_seggpt
+    monkeypatch.setattr(seggpt, "load_seggpt", lambda source: loads.append(source) or load(source))
     viewer = widget.viewer
-    paint_two(widget)
+    paint = paint_two(widget)
     widget.add_painted()
     camera = viewer.scene.camera
     camera.center = (1200 * 0.499, 1000 * 0.499)
     camera.zoom = 1.5 / 0.499
-    widget.run()
-    qtbot.waitUntil(lambda: widget.run_button.isEnabled() and widget._worker is not None, timeout=120_000)
-    qtbot.waitUntil(lambda: widget.result_layer is not None or "Done" in widget.status.text(), timeout=120_000)
-    assert "tissue tiles x 2 prompts" in widget.cost.text()
+
+    def run():
+        widget.result_layer = None
+        widget.run()
+        qtbot.waitUntil(lambda: widget.run_button.isEnabled() and widget._worker is not None, timeout=120_000)
+        qtbot.waitUntil(lambda: widget.result_layer is not None or "Done" in widget.status.text(), timeout=120_000)
+
+    run()
+    paint.paint(np.round(paint.world_to_data(viewer.layers[0].data_to_world((1500, 400)))).astype(int), 2)
+    widget.add_painted()
+    assert len(widget.prompts) == 3
+    run()
+    assert len(loads) == 1, "new examples must not reload the weights"
+    assert "x 3 prompts" in widget.cost.text()
     layer = widget.result_layer
     assert layer is not None, widget.status.text()
     assert list(layer.features["class"]) == ["normal", "segmental sclerosis", "global sclerosis"]
-    assert set(np.unique(layer.data)) <= {0, 1, 3}
+    assert set(np.unique(layer.data)) <= {0, 1, 2, 3}
     _, _, w, h = widget.region(viewer.layers[0])
     assert layer.data.shape == pytest.approx((h, w), abs=1.5)  # the view, in whole level-0 pixels
 

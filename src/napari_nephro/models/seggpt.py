@@ -102,6 +102,42 @@ def seggpt_fingerprint(source: str | os.PathLike[str] | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _install_ensemble(model) -> None:
+    """Hooks on every attention block that average the target half of its output over each tile's prompts.
+
+    This is SegGPT's feature ensemble done per tile, so a batch can hold several
+    tiles x prompts. Up to `merge_index` the batch holds the image stream then the
+    mask stream (2 x tiles x prompts), afterwards tiles x prompts, tile-major; at
+    `merge_index` itself both streams are averaged too, as transformers does. The
+    group size is `model._nephro_ensemble` (1: off), set around each forward pass;
+    the hooks are installed once per model, whatever number of prompt sets use it.
+    """
+    if getattr(model, "_nephro_ensemble_hooks", None):
+        return
+    model._nephro_ensemble = 1
+    merge = model.config.merge_index
+
+    def hook_for(index: int):
+        streams, dims = (2, (2,)) if index < merge else (2, (0, 2)) if index == merge else (1, (2,))
+
+        def hook(_module, _inputs, output):
+            group = model._nephro_ensemble
+            if group < 2:
+                return None
+            hidden = output[0]
+            prompt, target = hidden.split(hidden.shape[1] // 2, dim=1)
+            shape = target.shape
+            grouped = target.reshape(streams, -1, group, *shape[1:])
+            target = grouped.mean(dim=dims, keepdim=True).expand_as(grouped).reshape(shape)
+            return (torch.cat([prompt, target], dim=1), *output[1:])
+
+        return hook
+
+    model._nephro_ensemble_hooks = [
+        layer.attention.register_forward_hook(hook_for(i)) for i, layer in enumerate(model.model.encoder.layers)
+    ]
+
+
 class SegGptSegmenter:
     """SegGPT with a prompt set: tiles at the set's mpp and crop size, class probabilities back."""
 
@@ -141,10 +177,7 @@ class SegGptSegmenter:
         ).hexdigest()[:16]
         self.parameters = sum(p.numel() for p in model.parameters())
         self._groups = self._prepare_prompts()
-        self._ensemble = 1  # prompts per tile in the batch being run; read by the hooks
-        self._hooks = [
-            layer.attention.register_forward_hook(self._hook(i)) for i, layer in enumerate(model.model.encoder.layers)
-        ]
+        _install_ensemble(model)
 
     @classmethod
     def load(
@@ -211,30 +244,6 @@ class SegGptSegmenter:
             )
         return groups
 
-    # -- feature ensemble, per tile ---------------------------------------------------
-    def _hook(self, index: int):
-        """Average the target half of the attention output over each tile's prompts (SegGPT's ensemble).
-
-        Up to `merge_index` the batch holds the image stream then the mask stream
-        (2 x tiles x prompts), afterwards tiles x prompts; the batch is tile-major.
-        At `merge_index` itself both streams are averaged too, as transformers does.
-        """
-        merge = self.model.config.merge_index
-        streams, dims = (2, (2,)) if index < merge else (2, (0, 2)) if index == merge else (1, (2,))
-
-        def hook(_module, _inputs, output):
-            group = self._ensemble
-            if group < 2:
-                return None
-            hidden = output[0]
-            prompt, target = hidden.split(hidden.shape[1] // 2, dim=1)
-            shape = target.shape
-            grouped = target.reshape(streams, -1, group, *shape[1:])
-            target = grouped.mean(dim=dims, keepdim=True).expand_as(grouped).reshape(shape)
-            return (torch.cat([prompt, target], dim=1), *output[1:])
-
-        return hook
-
     # -- prediction -------------------------------------------------------------------
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray) -> np.ndarray:
@@ -277,7 +286,7 @@ class SegGptSegmenter:
         for start in range(0, len(pixels), tiles_per_pass):
             chunk = pixels[start : start + tiles_per_pass]
             t = len(chunk)
-            self._ensemble = prompts
+            self.model._nephro_ensemble = prompts
             try:
                 painted = self.model(
                     pixel_values=chunk.repeat_interleave(prompts, dim=0),
@@ -287,7 +296,7 @@ class SegGptSegmenter:
                     feature_ensemble=False,
                 ).pred_masks
             finally:
-                self._ensemble = 1
+                self.model._nephro_ensemble = 1
             painted = painted[:, :, painted.shape[2] // 2 :, :].float()
             painted = painted.reshape(t, prompts, *painted.shape[1:])[:, 0]  # ensembled: every prompt paints alike
             out.append(self._distances(painted, labels))

@@ -55,6 +55,7 @@ class PromptsWidget(SegmentWidget):
 
         self.prompts = PromptSet()
         self._confirmed: tuple | None = None
+        self._weights: tuple | None = None  # (source, device), model, processor, fingerprint
         self.classes_edit = QLineEdit(DEFAULT_CLASSES)
         self.classes_edit.setToolTip("class names, comma-separated: label value 1 is the first, 2 the second…")
         self.legend = QLabel("")
@@ -324,15 +325,28 @@ class PromptsWidget(SegmentWidget):
 
     # -- segmenting -----------------------------------------------------------------
     def segmenter(self):
-        """SegGPT with the current prompts, loaded once per weights and device."""
-        from ..models.seggpt import SegGptSegmenter
+        """SegGPT with the current prompts. The weights (1.5 GB) are read once per folder and device;
+        the prompts are encoded anew each run, so adding an example costs no reload."""
+        from ..models import pick_device
+        from ..models.seggpt import SegGptSegmenter, load_seggpt, seggpt_fingerprint
 
+        self.prompts.check_usable()
         source = self.model_edit.text().strip() or None
-        device, mode, pairs = self.device_combo.currentText(), self.mode_combo.currentText(), self.batch_spin.value()
-        key = (source, device, mode, pairs, self.prompts.fingerprint())
-        return self._cached(
-            key, lambda: SegGptSegmenter.load(source, self.prompts, device=device, mode=mode, pairs_per_batch=pairs)
+        device = pick_device(self.device_combo.currentText())
+        key = (source, str(device))
+        if self._weights is None or self._weights[0] != key:
+            self._weights = (key, *load_seggpt(source), seggpt_fingerprint(source))
+        _, model, processor, fingerprint = self._weights
+        self._segmenter = SegGptSegmenter(
+            model,
+            processor,
+            self.prompts,
+            mode=self.mode_combo.currentText(),
+            device=device,
+            fingerprint=fingerprint,
+            pairs_per_batch=self.batch_spin.value(),
         )
+        return self._segmenter
 
     def run(self) -> None:
         """Say what the run costs first; a long one starts only when Run is pressed again."""
