@@ -60,6 +60,9 @@ def test_painted_objects_become_examples_in_the_gallery(widget):
     assert widget.prompts.examples[0].mask[48, 48] == 1
     widget.add_painted()
     assert len(widget.prompts) == 2, "adding the same painting twice adds nothing"
+    widget.go_to(widget.gallery.item(1))  # double-click: the view goes to the example
+    centre = slide_layer.world_to_data(widget.viewer.scene.camera.center)
+    assert (centre[-1], centre[-2]) == pytest.approx((1400, 1700), abs=6)
     widget.mpp_spin.setValue(1.0)
     widget.add_painted()
     assert "remove them to change the crops" in widget.prompt_status.text() and widget.prompts.mpp == 2.0

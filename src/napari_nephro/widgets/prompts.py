@@ -128,6 +128,7 @@ class PromptsWidget(SegmentWidget):
         self.classes_edit.editingFinished.connect(self._classes_changed)
         self.new_layer_button.clicked.connect(self.new_prompt_layer)
         self.add_button.clicked.connect(self.add_painted)
+        self.gallery.itemDoubleClicked.connect(self.go_to)
         self.remove_button.clicked.connect(self.remove_selected)
         self.relabel_button.clicked.connect(self.relabel_selected)
         self.folder_button.clicked.connect(self._choose_folder)
@@ -269,6 +270,18 @@ class PromptsWidget(SegmentWidget):
         self.mpp_spin.setEnabled(not len(self.prompts))
         self.size_spin.setEnabled(not len(self.prompts))
         self.cost.setText("")
+
+    def go_to(self, item) -> None:
+        """Centre the view on a double-clicked example, when it comes from the slide on screen."""
+        example = self.prompts.get(item.data(Qt.ItemDataRole.UserRole))
+        layer = self.slide_layer()
+        if layer is None or layer.metadata["slide"].source.name != example.source:
+            self.prompt_status.setText(f"{example.id} comes from {example.source}, not the slide shown.")
+            return
+        x, y, w, h = example.location
+        centre = layer.data_to_world((y + h / 2 - 0.5, x + w / 2 - 0.5))  # level-0 pixel indices of the centre
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera  # napari >= 0.9
+        camera.center = tuple(centre[-2:])
 
     def selected_ids(self) -> list[str]:
         return [item.data(Qt.ItemDataRole.UserRole) for item in self.gallery.selectedItems()]
