@@ -13,6 +13,7 @@ The last column is what `SECONDS_PER_PAIR` in models/seggpt.py should hold.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -97,6 +98,10 @@ def main() -> None:
         ("prompts", "pairs/pass", "tiles", "tiles/s", "s/tile", "s/(tile x prompt)", "estimate s/tile"),
         rows,
     )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak resident memory of the process: {peak:.1f} GiB (weights {parameters * 4 / 2**30:.1f} GiB in float32)")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

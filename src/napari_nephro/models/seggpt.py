@@ -228,7 +228,7 @@ class SegGptSegmenter:
         for ids, examples, masks, labels in runs:
             encoded = self.processor(
                 images=None,
-                prompt_images=[e.image for e in examples],
+                prompt_images=[np.array(e.image) for e in examples],  # writable copies for torch
                 prompt_masks=masks,
                 num_labels=labels,
                 return_tensors="pt",
