@@ -28,6 +28,7 @@ def widget(make_napari_viewer, seggpt_folder):
     widget = PromptsWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.model_edit.setText(str(seggpt_folder))
+    widget._describe_model()
     widget.device_combo.setCurrentText("cpu")
     widget.size_spin.setValue(96)  # small crops keep the test fast; 448 is SegGPT's own
     widget.mpp_spin.setValue(2.0)
@@ -156,7 +157,14 @@ def test_a_long_run_is_announced_before_it_starts(widget, qtbot, tmp_path):
     assert (tmp_path / "whole.zarr").exists(), widget.status.text()
 
 
-def test_mistakes_are_shown_not_raised(widget):
+def test_mistakes_are_shown_not_raised(widget, tmp_path):
+    assert "weights from seggpt" in widget.model_info.text()
+    widget.model_edit.setText(str(tmp_path / "nowhere"))
+    widget._describe_model()
+    assert "no SegGPT folder" in widget.model_info.text()
+    widget.model_edit.setText("BAAI/seggpt-vit-large")
+    widget._describe_model()
+    assert "Hugging Face cache" in widget.model_info.text()
     widget.run()
     assert "prompt set is empty" in widget.status.text()
     paint = widget.new_prompt_layer()

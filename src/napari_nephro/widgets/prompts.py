@@ -10,6 +10,7 @@ cancel, resume) with SegGPT and the current prompt set, after saying what it cos
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -175,9 +176,17 @@ class PromptsWidget(SegmentWidget):
         self._show_set()
 
     def _describe_model(self) -> None:
+        """Where the weights will come from, and the scale SegGPT will see the slide at."""
+        source = self.model_edit.text().strip()
+        folder = Path(source).expanduser()
+        if (folder / "config.json").is_file():
+            weights = f"weights from {folder.name}"
+        elif folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+            weights = f"no SegGPT folder at {source!r}: see docs/seggpt.md for the download"
+        else:
+            weights = f"weights {source} from the Hugging Face cache (downloaded if online)"
         self.model_info.setText(
-            "SegGPT segments tiles like the examples below: "
-            f"{self.prompts.size} px tiles at {self.prompts.mpp:g} um/px, as the crops"
+            f"SegGPT, {weights}; it sees {self.prompts.size} px tiles at {self.prompts.mpp:g} um/px, as the crops"
         )
 
     # -- painting ---------------------------------------------------------------------
