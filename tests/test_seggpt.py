@@ -58,6 +58,10 @@ def test_the_ensemble_per_tile_is_transformers_feature_ensemble(tiny):
             torch.testing.assert_close(batched[i : i + 1], segmenter._distances(reference, 1), rtol=1e-4, atol=1e-2)
     one_at_a_time = SegGptSegmenter(model, processor, prompts, pairs_per_batch=1).predict(tiles)
     np.testing.assert_allclose(segmenter.predict(tiles), one_at_a_time, atol=1e-5)
+    # attention in slices of samples (bounded memory on a CPU) is the same computation
+    whole = SegGptSegmenter(model, processor, prompts, pairs_per_batch=16, attention_chunk=None).predict(tiles)
+    sliced = SegGptSegmenter(model, processor, prompts, pairs_per_batch=16, attention_chunk=1).predict(tiles)
+    np.testing.assert_allclose(whole, sliced, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["per_class", "palette"])

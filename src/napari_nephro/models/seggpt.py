@@ -35,6 +35,10 @@ SCORE_SCALE = 16.0  # grey levels per logit: a pixel painted 32 levels above mid
 SECONDS_PER_PAIR = {"cpu": 19.0, "mps": 2.0, "cuda": 0.05}  # cpu: 2 cores, 18-20 s measured; others guessed
 VIT_L_PARAMETERS = 370e6
 PAIRS_PER_BATCH = {"cpu": 1, "mps": 4, "cuda": 16}  # tile x prompt pairs in one forward pass
+# samples per attention call: SegGPT's global attention holds batch x heads x 1568^2 weights (and two
+# copies), so 12 prompts of ViT-L in one call peaked at 14.5 GiB on CPU; in pairs of samples it is exact
+# and bounded. None: the whole batch at once (a GPU has the memory and wants the width).
+ATTENTION_CHUNK = {"cpu": 2, "mps": 2, "cuda": None}
 
 
 def _missing(source: str, reason: str) -> ModelError:
@@ -138,6 +142,29 @@ def _install_ensemble(model) -> None:
     ]
 
 
+def _install_attention_chunks(model) -> None:
+    """Let each attention block run its batch in slices of `model._nephro_attention_chunk` samples.
+
+    Attention is computed sample by sample, so slicing the batch changes nothing but
+    the peak memory; the ensemble hooks still see the whole block's output.
+    """
+    if getattr(model, "_nephro_attention_chunk", "absent") != "absent":
+        return
+    model._nephro_attention_chunk = None
+    for layer in model.model.encoder.layers:
+        attention = layer.attention
+        whole = attention.forward
+
+        def forward(hidden_states, output_attentions=False, _whole=whole):
+            size = model._nephro_attention_chunk
+            if not size or hidden_states.shape[0] <= size or output_attentions:
+                return _whole(hidden_states, output_attentions)
+            parts = [_whole(part, False)[0] for part in hidden_states.split(size)]
+            return (torch.cat(parts), None)
+
+        attention.forward = forward
+
+
 class SegGptSegmenter:
     """SegGPT with a prompt set: tiles at the set's mpp and crop size, class probabilities back."""
 
@@ -154,6 +181,7 @@ class SegGptSegmenter:
         fingerprint: str = "",
         pairs_per_batch: int | None = None,
         embedding_type: str = "instance",
+        attention_chunk: int | str | None = "auto",
     ) -> None:
         if mode not in MODES:
             raise ModelError(f"unknown SegGPT mode {mode!r}: choose {' or '.join(MODES)}")
@@ -178,6 +206,10 @@ class SegGptSegmenter:
         self.parameters = sum(p.numel() for p in model.parameters())
         self._groups = self._prepare_prompts()
         _install_ensemble(model)
+        _install_attention_chunks(model)
+        self.attention_chunk = (
+            ATTENTION_CHUNK.get(self.device.type, 2) if attention_chunk == "auto" else attention_chunk
+        )
 
     @classmethod
     def load(
@@ -287,6 +319,7 @@ class SegGptSegmenter:
             chunk = pixels[start : start + tiles_per_pass]
             t = len(chunk)
             self.model._nephro_ensemble = prompts
+            self.model._nephro_attention_chunk = self.attention_chunk
             try:
                 painted = self.model(
                     pixel_values=chunk.repeat_interleave(prompts, dim=0),
@@ -296,7 +329,7 @@ class SegGptSegmenter:
                     feature_ensemble=False,
                 ).pred_masks
             finally:
-                self.model._nephro_ensemble = 1
+                self.model._nephro_ensemble, self.model._nephro_attention_chunk = 1, None
             painted = painted[:, :, painted.shape[2] // 2 :, :].float()
             painted = painted.reshape(t, prompts, *painted.shape[1:])[:, 0]  # ensembled: every prompt paints alike
             out.append(self._distances(painted, labels))
