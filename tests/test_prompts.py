@@ -72,6 +72,17 @@ def test_a_prompt_set_round_trips_through_its_folder(slide, tmp_path):
         np.testing.assert_array_equal(a.mask, b.mask)
     with pytest.raises(PromptError, match="already exists"):
         prompts.save(folder)
+    (folder / "notes.txt").write_text("PAS, biopsy 12")
+    prompts.remove(prompts.examples[0].id)
+    prompts.save(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "PAS, biopsy 12", "the user's own files beside the set stay"
+    assert len(PromptSet.load(folder)) == 1
+    (tmp_path / "empty").mkdir()
+    prompts.save(tmp_path / "empty")  # a folder just made for it (as a folder dialog does)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "thesis.docx").write_text("x")
+    with pytest.raises(PromptError, match="not a prompt set"):
+        prompts.save(tmp_path / "other", overwrite=True)
 
 
 def test_edit_an_example_set(slide, tmp_path):
@@ -79,8 +90,10 @@ def test_edit_an_example_set(slide, tmp_path):
     for e in examples_from_labels(slide, painted(), prompts, downsample=4)[0]:
         prompts.add(e)
     first = prompts.examples[0].id
+    prompts.get(first).mask[:20, :20] = 1  # another normal glomerulus at the crop's corner
     prompts.relabel(first, "segmental sclerosis")
     assert prompts.get(first).label == "segmental sclerosis" and prompts.get(first).mask[224, 224] == 2
+    assert prompts.get(first).mask[5, 5] == 1, "only the example's own object changes class"
     before = prompts.fingerprint()
     prompts.remove(first)
     assert len(prompts) == 1 and prompts.fingerprint() != before
@@ -120,6 +133,12 @@ def test_a_damaged_prompt_folder_is_refused(slide, tmp_path):
     Image.fromarray(np.zeros((448, 448), np.uint8)).save(folder / "examples" / "001_mask.png")
     with pytest.raises(PromptError, match="no 'normal' pixels"):
         PromptSet.load(folder)
+    index = json.loads((folder / "prompts.json").read_text())
+    for damage in ({"version": "x"}, {"examples": ["001"]}):
+        (folder / "prompts.json").write_text(json.dumps({**index, **damage}))
+        with pytest.raises(PromptError, match="not a valid prompt index"):
+            PromptSet.load(folder)
+    (folder / "prompts.json").write_text(json.dumps(index))
     (folder / "examples" / "002.png").unlink()
     (folder / "examples" / "001_mask.png").unlink()
     with pytest.raises(PromptError, match="example 001 cannot be read"):

@@ -8,7 +8,7 @@ import pytest
 from conftest import require_shared, tiny_seggpt
 from napari_nephro.io import open_slide
 from napari_nephro.layers import slide_layer_data
-from napari_nephro.prompts import PromptSet
+from napari_nephro.prompts import PromptSet, examples_from_labels
 from napari_nephro.widgets.prompts import PromptsWidget
 
 
@@ -155,6 +155,36 @@ def test_a_long_run_is_announced_before_it_starts(widget, qtbot, tmp_path):
     widget.run()
     qtbot.waitUntil(lambda: widget._worker is not None and widget.run_button.isEnabled(), timeout=120_000)
     assert (tmp_path / "whole.zarr").exists(), widget.status.text()
+
+
+def test_the_set_stays_loadable_and_savable(widget, tmp_path):
+    """Edits that would break the saved set are refused; a set of any scale can be extended after loading."""
+    paint_two(widget)
+    widget.add_painted()
+    widget.classes_edit.setText("normal, segmental sclerosis")  # the second example shows global sclerosis
+    widget._classes_changed()
+    assert "remove them before the class" in widget.prompt_status.text()
+    assert widget.prompts.classes[-1] == "global sclerosis"
+    slide = widget.viewer.layers[0].metadata["slide"]
+    odd = PromptSet(["normal"], mpp=1.23456, size=96)  # more decimals than the box shows
+    labels = np.zeros((742, 555), np.uint8)
+    labels[100:120, 100:120] = 1
+    odd.add(examples_from_labels(slide, labels, odd, downsample=4)[0][0])
+    odd.save(tmp_path / "odd")
+    widget.folder_edit.setText(str(tmp_path / "odd"))
+    widget.load()
+    paint = widget.new_prompt_layer()
+    paint.data[300:320, 300:320] = 1
+    widget.add_painted()
+    assert len(widget.prompts) == 2 and widget.prompts.mpp == 1.23456, widget.prompt_status.text()
+    widget.save()
+    assert len(PromptSet.load(tmp_path / "odd")) == 2, "saving to the folder it came from needs no question"
+    PromptSet(["x"]).save(tmp_path / "other")
+    widget.folder_edit.setText(str(tmp_path / "other"))
+    widget.save()
+    assert "press Save again" in widget.prompt_status.text() and len(PromptSet.load(tmp_path / "other")) == 0
+    widget.save()
+    assert len(PromptSet.load(tmp_path / "other")) == 2
 
 
 def test_mistakes_are_shown_not_raised(widget, tmp_path):

@@ -86,6 +86,30 @@ def test_a_class_without_examples_is_never_predicted(tiny):
     assert not out[:, 2:].any()
 
 
+def test_a_pixel_is_foreground_only_when_some_class_paints_it(tiny, monkeypatch):
+    """Per class: two classes each painting a pixel 40 % sure leave it background, as one class would."""
+    from napari_nephro.inference.stitch import to_labels
+
+    model, processor = tiny
+    segmenter = SegGptSegmenter(model, processor, synthetic_prompts({"normal": 1, "global sclerosis": 1}))
+    temperature = segmenter._temperature()
+    sureness = {1: [0.4, 0.6, 0.3], 3: [0.4, 0.2, 0.55]}  # of three pixels (rows 0 to 2)
+
+    def paint(pixels, prompt_pixels, prompt_masks, labels):
+        class_id = 1 if prompt_masks is segmenter._groups[0][2] else 3
+        p = torch.full((32, 32), 0.1)
+        p[:3] = torch.tensor(sureness[class_id]).view(3, 1)
+        distances = torch.zeros(len(pixels), 2, 32, 32)
+        distances[:, 1] = temperature * torch.log(1 / p - 1)  # softmax(-d / T) gives p for the class
+        return distances
+
+    monkeypatch.setattr(segmenter, "_paint", paint)
+    probs = segmenter.predict(np.zeros((1, 32, 32, 3), np.uint8))[0]
+    np.testing.assert_allclose(probs.sum(axis=0), 1, atol=1e-5)
+    np.testing.assert_allclose(1 - probs[0, :3, 0], [0.4, 0.6, 0.55], atol=1e-4)  # foreground = the surest class
+    assert list(to_labels(probs)[:3, 0]) == [0, 1, 3]
+
+
 def test_one_class_gives_one_foreground_channel(tiny):
     model, processor = tiny
     prompts = PromptSet(["glomerulus"], mpp=1.0, size=48)

@@ -263,7 +263,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 threshold=args.threshold,
                 tile=args.tile,
                 overlap=args.overlap,
-                batch_size=args.batch or 4,
+                batch_size=getattr(segmenter, "tiles_per_call", None) or args.batch or 4,
                 readers=args.readers,
                 skip_background=not args.all_tiles,
                 resume=args.resume,

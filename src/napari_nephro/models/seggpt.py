@@ -236,6 +236,11 @@ class SegGptSegmenter:
 
     # -- prompts ---------------------------------------------------------------------
     @property
+    def tiles_per_call(self) -> int:
+        """Tiles the engine should hand `predict` at once so that a pass holds `pairs_per_batch` pairs."""
+        return tiles_per_call(self.pairs_per_batch, [len(g[1]) for g in self._groups])
+
+    @property
     def prompt_count(self) -> int:
         return sum(len(g[1]) for g in self._groups)
 
@@ -263,6 +268,7 @@ class SegGptSegmenter:
                 prompt_images=[np.array(e.image) for e in examples],  # writable copies for torch
                 prompt_masks=masks,
                 num_labels=labels,
+                input_data_format="channels_last",
                 return_tensors="pt",
             )
             dtype = torch.float16 if self.half else torch.float32
@@ -284,7 +290,9 @@ class SegGptSegmenter:
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise ValueError(f"tiles must be (N, H, W, 3) RGB, not {tiles.shape}")
         n, height, width = tiles.shape[:3]
-        pixels = self.processor(images=list(np.array(tiles)), return_tensors="pt")["pixel_values"]  # writable copies
+        pixels = self.processor(images=list(np.array(tiles)), input_data_format="channels_last", return_tensors="pt")[
+            "pixel_values"
+        ]  # writable copies
         pixels = pixels.to(self.device, torch.float16 if self.half else torch.float32)
         scores = torch.zeros((n, len(self.classes) + 1, self.input_size, self.input_size), device=self.device)
         for ids, prompt_pixels, prompt_masks, labels in self._groups:
@@ -295,9 +303,11 @@ class SegGptSegmenter:
                 foreground = torch.softmax(-distances / self._temperature(), dim=1)[:, 1]
                 scores[:, ids[0]] = foreground
         if self.mode == "per_class":
-            best = scores[:, 1:].amax(dim=1)
-            scores[:, 0] = 1 - best
-            scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-6)
+            # background is 1 - the surest class, and the classes share the rest in proportion: a pixel is
+            # foreground exactly when some class paints it with at least the threshold, as with one class
+            best = scores[:, 1:].amax(dim=1, keepdim=True)
+            scores[:, 1:] = scores[:, 1:] * best / scores[:, 1:].sum(dim=1, keepdim=True).clamp_min(1e-6)
+            scores[:, :1] = 1 - best
         if len(self.classes) == 1:
             scores = scores[:, 1:]
         if (height, width) != scores.shape[-2:]:
@@ -348,10 +358,15 @@ class SegGptSegmenter:
         return seconds_per_tile(self.prompt_count, self.device.type, self.parameters)
 
 
+def tiles_per_call(pairs_per_batch: int, prompts_per_run: list[int]) -> int:
+    """Tiles per `predict` call that fill passes of `pairs_per_batch` tile x prompt pairs (at least 1)."""
+    return max(1, pairs_per_batch // max(1, min(prompts_per_run, default=1)))
+
+
 def seconds_per_tile(prompts: int, device: str, parameters: float = VIT_L_PARAMETERS) -> float:
     """Seconds SegGPT spends on one tile with `prompts` prompts on a `device` ("cpu", "cuda", "mps")."""
     per_pair = SECONDS_PER_PAIR.get(device, SECONDS_PER_PAIR["cpu"])
     return per_pair * prompts * parameters / VIT_L_PARAMETERS
 
 
-__all__ = ["HF_ID", "MODES", "SegGptSegmenter", "load_seggpt", "seconds_per_tile"]
+__all__ = ["HF_ID", "MODES", "SegGptSegmenter", "load_seggpt", "seconds_per_tile", "tiles_per_call"]

@@ -90,7 +90,9 @@ def add_from_files(
     for item in items:
         if not chosen.get(item.name):
             continue
-        with open_slide(item.image, mpp=None if item.mpp else image_mpp) as slide:
+        with open_slide(item.image) as slide:
+            if slide.mpp is None and (item.mpp or image_mpp):  # the file's own pixel size comes first
+                slide.set_mpp(item.mpp or image_mpp)
             examples, notes = examples_from_annotations(slide, mapped[item.name], prompts, around=chosen[item.name])
         skipped += notes
         for example in examples:

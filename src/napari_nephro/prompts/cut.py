@@ -26,7 +26,8 @@ def _slide_mpp(slide: Slide) -> float:
     if slide.mpp is None:
         raise PromptError(
             f"{slide.source.name}: its pixel size is unknown, so crops cannot be cut at the prompt set's scale: "
-            "give the micrometres per pixel (--mpp, or Slide info in napari)"
+            "give the micrometres per pixel (--image-mpp for `nephro prompts add`, --mpp for `nephro segment`, "
+            "Slide info in napari)"
         )
     return slide.mpp
 

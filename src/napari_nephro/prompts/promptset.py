@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +102,18 @@ class PromptSet:
         self.examples = [e for e in self.examples if e.id not in example_ids]
 
     def relabel(self, example_id: str, label: str) -> None:
-        """Give an example's object another class: its label and the mask pixels of its old class."""
+        """Give an example's object (the piece of its class nearest the crop's centre) another class;
+        other objects in the crop keep theirs."""
+        from scipy import ndimage
+
         example = self.get(example_id)
         old, new = self.class_id(example.label), self.class_id(label)
-        example.mask = np.where(example.mask == old, new, example.mask).astype(np.uint8)
+        pieces, count = ndimage.label(example.mask == old)
+        if count:
+            rows, cols = np.nonzero(pieces)
+            centre = (example.mask.shape[0] - 1) / 2, (example.mask.shape[1] - 1) / 2
+            nearest = np.argmin((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
+            example.mask = np.where(pieces == pieces[rows[nearest], cols[nearest]], new, example.mask).astype(np.uint8)
         example.label = label
 
     def rename_class(self, old: str, new: str) -> None:
@@ -154,9 +163,11 @@ class PromptSet:
     def save(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the folder whole under a temporary name and rename it into place."""
         folder = Path(folder)
-        if folder.exists() and not (overwrite and (folder / INDEX).is_file()):
-            what = "a prompt set" if (folder / INDEX).is_file() else "something that is not a prompt set"
-            hint = "; pass --overwrite to replace it" if what == "a prompt set" else ""
+        is_set = (folder / INDEX).is_file()
+        empty = folder.is_dir() and not any(folder.iterdir())
+        if folder.exists() and not empty and not (overwrite and is_set):
+            what = "a prompt set" if is_set else "something that is not a prompt set"
+            hint = "; pass --overwrite to replace it" if is_set else ""
             raise PromptError(f"{folder}: already exists and holds {what}{hint}")
         if not folder.parent.is_dir():
             raise PromptError(f"{folder}: folder {folder.parent} does not exist")
@@ -189,6 +200,11 @@ class PromptSet:
                 "examples": entries,
             }
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
+            if is_set:  # the user's own files beside the set (notes, results) stay
+                for other in folder.iterdir():
+                    if other.name not in (INDEX, "examples"):
+                        copy = shutil.copytree if other.is_dir() else shutil.copy2
+                        copy(other, tmp / other.name)
         return folder
 
     @classmethod
@@ -199,12 +215,15 @@ class PromptSet:
             raise PromptError(f"{folder}: not a prompt set (no {INDEX}); make one with `nephro prompts add`")
         try:
             index = json.loads(index_path.read_text())
+            version = int(index.get("version", VERSION))
             prompts = cls(list(index["classes"]), float(index["mpp"]), int(index["size"]))
             entries = list(index["examples"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            if not all(isinstance(entry, dict) for entry in entries):
+                raise TypeError("every example must be a JSON object")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise PromptError(f"{index_path}: not a valid prompt index ({exc.__class__.__name__}: {exc})") from None
-        if index.get("version", VERSION) > VERSION:
-            raise PromptError(f"{index_path}: written by a newer napari-nephro (version {index['version']})")
+        if version > VERSION:
+            raise PromptError(f"{index_path}: written by a newer napari-nephro (version {version})")
         for entry in entries:
             try:
                 image = np.asarray(Image.open(folder / entry["image"]).convert("RGB"))

@@ -57,13 +57,15 @@ class PromptsWidget(SegmentWidget):
         self.prompts = PromptSet()
         self._confirmed: tuple | None = None
         self._weights: tuple | None = None  # (source, device), model, processor, fingerprint
+        self._folder: Path | None = None  # the prompt set folder last loaded or saved here
+        self._confirmed_save: Path | None = None
         self.classes_edit = QLineEdit(DEFAULT_CLASSES)
         self.classes_edit.setToolTip("class names, comma-separated: label value 1 is the first, 2 the second…")
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
-        self.mpp_spin = QDoubleSpinBox(decimals=3, minimum=0.05, maximum=64.0, singleStep=0.25, value=1.0)
+        self.mpp_spin = QDoubleSpinBox(decimals=4, minimum=0.01, maximum=1000.0, singleStep=0.25, value=1.0)
         self.mpp_spin.setSuffix(" um/px")
-        self.size_spin = QSpinBox(minimum=32, maximum=2048, value=448)
+        self.size_spin = QSpinBox(minimum=16, maximum=4096, value=448)
         self.paint_combo = QComboBox()
         self.new_layer_button = QPushButton("New prompt layer")
         self.add_button = QPushButton("Add painted objects")
@@ -95,6 +97,7 @@ class PromptsWidget(SegmentWidget):
 
         self.model_edit.setText("BAAI/seggpt-vit-large")
         self.model_edit.setPlaceholderText("SegGPT weights: a downloaded folder, or a Hugging Face id")
+        self.batch_spin.setToolTip("tiles per call, at least: SegGPT fills passes of 16 tile x prompt pairs on a GPU")
         self.form.addRow("SegGPT mode", self.mode_combo)
         self.form.addRow("", self.cost)
         box = QGroupBox("Prompts")
@@ -156,10 +159,16 @@ class PromptsWidget(SegmentWidget):
         try:
             if len(set(names)) != len(names) or not names:
                 raise PromptError("class names must be distinct, at least one")
-            used = {e.label for e in self.prompts.examples}
-            lost = [c for c in self.prompts.classes[len(names) :] if c in used]
-            if lost:
-                raise PromptError(f"examples of {', '.join(lost)} exist: remove them before removing the class")
+            lost = self.prompts.classes[len(names) :]
+            used = [
+                c
+                for i, c in enumerate(lost, start=len(names) + 1)
+                if any((e.mask == i).any() for e in self.prompts.examples)
+            ]
+            if used:
+                raise PromptError(
+                    f"examples show {', '.join(used)} (as their object or a neighbour): remove them before the class"
+                )
             for i, name in enumerate(names[: len(self.prompts.classes)]):
                 if self.prompts.classes[i] != name:
                     self.prompts.rename_class(self.prompts.classes[i], name)
@@ -256,7 +265,7 @@ class PromptsWidget(SegmentWidget):
     def _set_scale(self) -> None:
         """The crop scale is the set's; it can change only while the set is empty."""
         mpp, size = self.mpp_spin.value(), self.size_spin.value()
-        if (mpp, size) == (self.prompts.mpp, self.prompts.size):
+        if abs(mpp - self.prompts.mpp) < 0.5e-4 and size == self.prompts.size:  # the box shows 4 decimals
             return
         if len(self.prompts):
             self.mpp_spin.setValue(self.prompts.mpp)
@@ -317,14 +326,22 @@ class PromptsWidget(SegmentWidget):
             self.folder_edit.setText(folder)
 
     def save(self) -> None:
+        """Save to the folder; replacing a prompt set other than the one loaded or saved here takes a second press."""
+        from ..prompts.promptset import INDEX
+
         folder = self.folder_edit.text().strip()
         try:
             if not folder:
                 raise PromptError("type the folder to save the prompt set in")
-            self.prompts.save(folder, overwrite=True)
+            target = Path(folder).expanduser().resolve()
+            if (target / INDEX).is_file() and target not in (self._folder, self._confirmed_save):
+                self._confirmed_save = target
+                raise PromptError(f"{folder} holds another prompt set: press Save again to replace it")
+            self.prompts.save(target, overwrite=True)
         except (PromptError, OSError) as exc:
             self.prompt_status.setText(str(exc))
             return
+        self._folder, self._confirmed_save = target, None
         self.prompt_status.setText(f"Saved to {folder}: {self.prompts.describe()}.")
 
     def load(self) -> None:
@@ -335,6 +352,7 @@ class PromptsWidget(SegmentWidget):
             if not folder:
                 raise PromptError("type the folder of a prompt set to load")
             self.prompts = PromptSet.load(folder)
+            self._folder = Path(folder).expanduser().resolve()
         except (PromptError, OSError) as exc:
             self.prompt_status.setText(str(exc))
             return
@@ -366,9 +384,17 @@ class PromptsWidget(SegmentWidget):
             mode=self.mode_combo.currentText(),
             device=device,
             fingerprint=fingerprint,
-            pairs_per_batch=self.batch_spin.value(),
         )
         return self._segmenter
+
+    def batch_size(self) -> int:
+        """Tiles per call: enough to fill SegGPT's passes of tile x prompt pairs on this device."""
+        from ..models import pick_device
+        from ..models.seggpt import PAIRS_PER_BATCH, tiles_per_call
+
+        pairs = PAIRS_PER_BATCH.get(pick_device(self.device_combo.currentText()).type, 1)
+        runs = [n for n in self.prompts.counts().values() if n] if self.mode_combo.currentText() == "per_class" else []
+        return max(self.batch_spin.value(), tiles_per_call(pairs, runs or [len(self.prompts)]))
 
     def run(self) -> None:
         """Say what the run costs first; a long one starts only when Run is pressed again."""

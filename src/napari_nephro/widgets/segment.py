@@ -155,6 +155,10 @@ class SegmentWidget(QWidget):
             self._segmenter_key = key
         return self._segmenter
 
+    def batch_size(self) -> int:
+        """Tiles per forward pass."""
+        return self.batch_spin.value()
+
     def region(self, layer) -> tuple[float, float, float, float] | None:
         """The level-0 box (x, y, w, h) to segment; None for the whole slide."""
         where = self.where_combo.currentText()
@@ -207,7 +211,7 @@ class SegmentWidget(QWidget):
             raise SegmentError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
         common = {
             "threshold": self.threshold_spin.value(),
-            "batch_size": self.batch_spin.value(),
+            "batch_size": self.batch_size(),
             "progress": self.progressed.emit,
             "cancel": self._cancel.is_set,
         }
