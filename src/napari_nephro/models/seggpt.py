@@ -32,7 +32,7 @@ HUB_HOST = "huggingface.co"
 MODES = ("per_class", "palette")
 SCORE_SCALE = 16.0  # grey levels per logit: a pixel painted 32 levels above mid-grey is ~88% foreground
 # one 448-px tile with one prompt, ViT-L, measured by benchmarks/bench_seggpt.py
-SECONDS_PER_PAIR = {"cpu": 19.0, "mps": 2.0, "cuda": 0.05}  # cpu: 2 cores, 18-20 s measured; others guessed
+SECONDS_PER_PAIR = {"cpu": 15.0, "mps": 2.0, "cuda": 0.05}  # cpu: 2 cores, 14.6-18 s measured; others guessed
 VIT_L_PARAMETERS = 370e6
 PAIRS_PER_BATCH = {"cpu": 1, "mps": 4, "cuda": 16}  # tile x prompt pairs in one forward pass
 # samples per attention call: SegGPT's global attention holds batch x heads x 1568^2 weights (and two
