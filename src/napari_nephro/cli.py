@@ -314,11 +314,10 @@ def _segmenter(args: argparse.Namespace):
 
 def _announce_cost(slide, segmenter, args: argparse.Namespace) -> None:
     """Before a SegGPT run: tiles x prompts and the time that takes here, and what to do if it is long."""
-    per_tile = getattr(segmenter, "seconds_per_tile", None)
-    if per_tile is None:
+    if not hasattr(segmenter, "seconds_per_tile"):  # only SegGPT can tell its cost
         return
-    from ._text import duration
     from .inference import plan_run
+    from .models.seggpt import LONG_RUN_SECONDS, run_cost
 
     for name in segmenter.missing_classes():
         print(f"nephro: note: class {name!r} has no example in the prompt set: it will not be found", file=sys.stderr)
@@ -329,16 +328,11 @@ def _announce_cost(slide, segmenter, args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     plan = plan_run(slide, segmenter, args.region, overlap=args.overlap, skip_background=not args.all_tiles)
-    tiles = len(plan.tiles) - plan.skipped
-    seconds = tiles * per_tile()
-    advice = ""
-    if segmenter.device.type == "cpu" and seconds > 600:
-        advice = "; on a CPU, segment a --region (a few glomeruli) or use a GPU (--device cuda)"
-    print(
-        f"nephro: SegGPT: {tiles} tissue tiles x {segmenter.prompt_count} prompts, about {duration(seconds)} "
-        f"on {segmenter.device.type}{advice}",
-        file=sys.stderr,
-    )
+    device = segmenter.device.type
+    seconds, text = run_cost(plan.tissue_tiles, segmenter.prompt_count, device, segmenter.parameters)
+    if device == "cpu" and seconds > LONG_RUN_SECONDS:
+        text += "; on a CPU, segment a --region (a few glomeruli) or use a GPU (--device cuda)"
+    print(f"nephro: SegGPT: {text}", file=sys.stderr)
 
 
 def cmd_prompts_add(args: argparse.Namespace) -> int:

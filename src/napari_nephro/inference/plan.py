@@ -56,6 +56,11 @@ class Plan:
     def row_starts(self) -> list[int]:
         return sorted({t.y for t in self.tiles})
 
+    @property
+    def tissue_tiles(self) -> int:
+        """Tiles the model will see (glass skipped)."""
+        return len(self.tiles) - self.skipped
+
     def level0_box(self, tile: GridTile) -> tuple[float, float, float, float]:
         x0, y0, _, _ = self.region
         s = self.scale

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._text import duration
 from ..prompts import PromptSet
 from .device import pick_device
 from .errors import ModelError
@@ -49,18 +50,31 @@ def _missing(source: str, reason: str) -> ModelError:
     )
 
 
+def weights_source(source: str | os.PathLike[str] | None) -> Literal["folder", "hub", "other", "missing"]:
+    """Where `source` names weights: a downloaded folder, a Hub id (owner/name), a folder of something
+    else, or nothing."""
+    source = str(source or HF_ID)
+    path = Path(source).expanduser()
+    if path.exists():
+        return "folder" if (path / "config.json").is_file() else "other"
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return "missing"
+    return "hub"
+
+
 def load_seggpt(source: str | os.PathLike[str] | None = None):
     """Model and image processor from a local folder, else a Hugging Face id (cache, then download)."""
     from transformers import SegGptForImageSegmentation, SegGptImageProcessor
 
     source = str(source or HF_ID)
     path = Path(source).expanduser()
-    local = path.exists()
-    if local and not (path / "config.json").is_file():
+    where = weights_source(source)
+    if where == "other":
         raise ModelError(f"{path}: not a SegGPT folder (no config.json); it should hold a download of {HF_ID}")
-    name = str(path) if local else source
-    if not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+    if where == "missing":
         raise _missing(source, "no such folder")
+    local = where == "folder"
+    name = str(path) if local else source
     try:
         model = _from_pretrained(SegGptForImageSegmentation, name, local)
     except OSError as exc:
@@ -362,6 +376,15 @@ class SegGptSegmenter:
         return seconds_per_tile(self.prompt_count, self.device.type, self.parameters)
 
 
+LONG_RUN_SECONDS = 600  # beyond this a CPU user is advised to segment less, and napari asks before starting
+
+
+def run_cost(tiles: int, prompts: int, device: str, parameters: float = VIT_L_PARAMETERS) -> tuple[float, str]:
+    """Seconds a run of `tiles` tissue tiles takes, and the sentence saying so before it starts."""
+    seconds = tiles * seconds_per_tile(prompts, device, parameters)
+    return seconds, f"{tiles} tissue tiles x {prompts} prompts: about {duration(seconds)} on {device}"
+
+
 def tiles_per_call(pairs_per_batch: int, prompts_per_run: list[int]) -> int:
     """Tiles per `predict` call that fill passes of `pairs_per_batch` tile x prompt pairs (at least 1)."""
     return max(1, pairs_per_batch // max(1, min(prompts_per_run, default=1)))
@@ -373,4 +396,14 @@ def seconds_per_tile(prompts: int, device: str, parameters: float = VIT_L_PARAME
     return per_pair * prompts * parameters / VIT_L_PARAMETERS
 
 
-__all__ = ["HF_ID", "MODES", "SegGptSegmenter", "load_seggpt", "seconds_per_tile", "tiles_per_call"]
+__all__ = [
+    "HF_ID",
+    "LONG_RUN_SECONDS",
+    "MODES",
+    "SegGptSegmenter",
+    "load_seggpt",
+    "run_cost",
+    "seconds_per_tile",
+    "tiles_per_call",
+    "weights_source",
+]

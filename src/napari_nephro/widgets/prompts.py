@@ -31,13 +31,12 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from .._text import duration
 from ..annotations.colors import class_color
 from ..inference import SegmentError
 from ..layer_annotations import label_classes
 from ..prompts import PromptError
 from ._layers import chosen, labels_layers, refill
-from .segment import ERRORS, SegmentWidget, aligned
+from .segment import ERRORS, WHERE, SegmentWidget, aligned
 
 if TYPE_CHECKING:
     import napari
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 DEFAULT_CLASSES = "normal, segmental sclerosis, global sclerosis"
 PAINT_PIXELS = 64 * 2**20  # a painting layer larger than this is made coarser than the prompt set's mpp
 THUMBNAIL = 96
-CONFIRM_SECONDS = 600  # a run estimated longer than this starts on a second press of Run
 
 
 class PromptsWidget(SegmentWidget):
@@ -186,14 +184,16 @@ class PromptsWidget(SegmentWidget):
 
     def _describe_model(self) -> None:
         """Where the weights will come from, and the scale SegGPT will see the slide at."""
+        from ..models.seggpt import weights_source
+
         source = self.model_edit.text().strip()
-        folder = Path(source).expanduser()
-        if (folder / "config.json").is_file():
-            weights = f"weights from {folder.name}"
-        elif folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-            weights = f"no SegGPT folder at {source!r}: see docs/seggpt.md for the download"
-        else:
+        where = weights_source(source)
+        if where == "folder":
+            weights = f"weights from {Path(source).expanduser().name}"
+        elif where == "hub":
             weights = f"weights {source} from the Hugging Face cache (downloaded if online)"
+        else:
+            weights = f"no SegGPT folder at {source!r}: see docs/seggpt.md for the download"
         self.model_info.setText(
             f"SegGPT, {weights}; it sees {self.prompts.size} px tiles at {self.prompts.mpp:g} um/px, as the crops"
         )
@@ -398,6 +398,8 @@ class PromptsWidget(SegmentWidget):
 
     def run(self) -> None:
         """Say what the run costs first; a long one starts only when Run is pressed again."""
+        from ..models.seggpt import LONG_RUN_SECONDS
+
         layer = self.slide_layer()
         if layer is None:
             self.status.setText("Open a slide first.")
@@ -409,7 +411,7 @@ class PromptsWidget(SegmentWidget):
             self.status.setText(str(exc))
             return
         key = (self.where_combo.currentText(), text, self.prompts.fingerprint())
-        if seconds > CONFIRM_SECONDS and self._confirmed != key:
+        if seconds > LONG_RUN_SECONDS and self._confirmed != key:
             self._confirmed = key
             self.cost.setText(f"{text}. Press Run again to start anyway.")
             return
@@ -419,34 +421,21 @@ class PromptsWidget(SegmentWidget):
 
     def estimate(self, layer) -> tuple[float, str]:
         """Tissue tiles x prompts, and the time that takes on the chosen device (from benchmark figures)."""
-        from ..inference import plan_run
+        from ..inference import make_plan
         from ..models import pick_device
-        from ..models.seggpt import VIT_L_PARAMETERS, seconds_per_tile
+        from ..models.seggpt import LONG_RUN_SECONDS, VIT_L_PARAMETERS, run_cost
 
         slide = layer.metadata["slide"]
         if slide.mpp is None:
             raise SegmentError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
         device = pick_device(self.device_combo.currentText()).type
-        region = self.region(layer)
-        geometry = _Geometry(self.prompts.mpp, self.prompts.size, self.prompts.size // 4)
-        plan = plan_run(slide, geometry, region)
-        tiles = len(plan.tiles) - plan.skipped
+        size = self.prompts.size
+        plan = make_plan(slide, model_mpp=self.prompts.mpp, tile=size, overlap=size // 4, region=self.region(layer))
         parameters = getattr(self._segmenter, "parameters", VIT_L_PARAMETERS)
-        seconds = tiles * seconds_per_tile(len(self.prompts), device, parameters)
-        text = f"{tiles} tissue tiles x {len(self.prompts)} prompts: about {duration(seconds)} on {device}"
-        if device == "cpu" and seconds > CONFIRM_SECONDS and self.where_combo.currentText() != WHERE_VIEW:
+        seconds, text = run_cost(plan.tissue_tiles, len(self.prompts), device, parameters)
+        if device == "cpu" and seconds > LONG_RUN_SECONDS and self.where_combo.currentText() != WHERE[0]:
             text += "; on a CPU, zoom onto a few glomeruli and segment the visible field of view"
         return seconds, text
-
-
-WHERE_VIEW = "visible field of view"
-
-
-class _Geometry:
-    """What `plan_run` needs of a model, before the model is loaded."""
-
-    def __init__(self, mpp: float, tile_size: int, overlap: int) -> None:
-        self.mpp, self.tile_size, self.overlap = mpp, tile_size, overlap
 
 
 def _placement(paint, slide_layer) -> tuple[float, tuple[float, float]]:
