@@ -252,7 +252,7 @@ class SegGptSegmenter:
     @property
     def tiles_per_call(self) -> int:
         """Tiles the engine should hand `predict` at once so that a pass holds `pairs_per_batch` pairs."""
-        return tiles_per_call(self.pairs_per_batch, [len(g[1]) for g in self._groups])
+        return tiles_per_call(self.pairs_per_batch, prompts_per_run(self.prompts, self.mode))
 
     @property
     def prompt_count(self) -> int:
@@ -383,6 +383,11 @@ def run_cost(tiles: int, prompts: int, device: str, parameters: float = VIT_L_PA
     """Seconds a run of `tiles` tissue tiles takes, and the sentence saying so before it starts."""
     seconds = tiles * seconds_per_tile(prompts, device, parameters)
     return seconds, f"{tiles} tissue tiles x {prompts} prompts: about {duration(seconds)} on {device}"
+
+
+def prompts_per_run(prompts: PromptSet, mode: str) -> list[int]:
+    """Prompts in each SegGPT run over a tile: one run per class that has examples, or one for all."""
+    return [len(prompts)] if mode == "palette" else [n for n in prompts.counts().values() if n]
 
 
 def tiles_per_call(pairs_per_batch: int, prompts_per_run: list[int]) -> int:

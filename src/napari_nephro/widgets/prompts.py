@@ -390,34 +390,26 @@ class PromptsWidget(SegmentWidget):
     def batch_size(self) -> int:
         """Tiles per call: enough to fill SegGPT's passes of tile x prompt pairs on this device."""
         from ..models import pick_device
-        from ..models.seggpt import PAIRS_PER_BATCH, tiles_per_call
+        from ..models.seggpt import PAIRS_PER_BATCH, prompts_per_run, tiles_per_call
 
         pairs = PAIRS_PER_BATCH.get(pick_device(self.device_combo.currentText()).type, 1)
-        runs = [n for n in self.prompts.counts().values() if n] if self.mode_combo.currentText() == "per_class" else []
-        return max(self.batch_spin.value(), tiles_per_call(pairs, runs or [len(self.prompts)]))
+        runs = prompts_per_run(self.prompts, self.mode_combo.currentText())
+        return max(self.batch_spin.value(), tiles_per_call(pairs, runs))
 
-    def run(self) -> None:
+    def ready(self, layer) -> bool:
         """Say what the run costs first; a long one starts only when Run is pressed again."""
         from ..models.seggpt import LONG_RUN_SECONDS
 
-        layer = self.slide_layer()
-        if layer is None:
-            self.status.setText("Open a slide first.")
-            return
-        try:
-            self.prompts.check_usable()
-            seconds, text = self.estimate(layer)
-        except self.errors as exc:
-            self.status.setText(str(exc))
-            return
+        self.prompts.check_usable()
+        seconds, text = self.estimate(layer)
         key = (self.where_combo.currentText(), text, self.prompts.fingerprint())
         if seconds > LONG_RUN_SECONDS and self._confirmed != key:
             self._confirmed = key
             self.cost.setText(f"{text}. Press Run again to start anyway.")
-            return
+            return False
         self._confirmed = None
         self.cost.setText(text)
-        super().run()
+        return True
 
     def estimate(self, layer) -> tuple[float, str]:
         """Tissue tiles x prompts, and the time that takes on the chosen device (from benchmark figures)."""

@@ -185,6 +185,8 @@ class SegmentWidget(QWidget):
             self.status.setText("Open a slide first.")
             return
         try:
+            if not self.ready(layer):
+                return
             job = self._job(layer)
         except self.errors as exc:
             self.status.setText(str(exc))
@@ -198,6 +200,10 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(True)
         self.status.setText("Planning tiles…")
         self._worker.start()
+
+    def ready(self, layer) -> bool:
+        """The last word before a run starts: a subclass may hold it back (e.g. to show its cost first)."""
+        return True
 
     def _job(self, layer):
         """The work for the thread, with every question about the inputs answered here; the model
