@@ -21,6 +21,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     An existing `path` is replaced: callers decide beforehand whether that is allowed.
     """
     path = Path(path)
+    clean_stale(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _remove(tmp)
     try:
@@ -28,6 +29,46 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         _move_into_place(tmp, path)
     finally:
         _remove(tmp)
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove what writers of `path` killed mid-write left beside it (`.NAME.PID.tmp` of dead processes).
+
+    A kill between moving the old folder aside and the new one in leaves the old one
+    as `.NAME.PID.old` and nothing at `path`: it is put back, not removed.
+    """
+    path = Path(path)
+    cleaned = []
+    prefix = f".{path.name}."
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return cleaned
+    for other in siblings:
+        name = other.name
+        if not name.startswith(prefix) or not name.endswith((".tmp", ".old")):
+            continue
+        pid = name[len(prefix) : -4]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if name.endswith(".old") and not path.exists():
+            os.replace(other, path)
+        else:
+            _remove(other)
+        cleaned.append(other)
+    return cleaned
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would end the process: keep its files
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
