@@ -56,10 +56,23 @@ def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
     assert f"{len(objects)} glomeruli found" in printed and set(objects.counts()) <= {"glomerulus"}
     with Image.open(overview) as image:
         assert max(image.size) <= 1600 and image.mode == "RGB"
-    # a second run replaces the demo's own files and nothing else
+    # a second run refuses to replace the first one's results unless told to, and then touches nothing else
     (out / "notes.txt").write_text("mine")
-    assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu"]) == 0
-    assert (out / "notes.txt").read_text() == "mine"
+    before = geojson.read_bytes()
+    geojson.write_bytes(b"{}")  # the user's edit of the first results must survive a refused run
+    assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and err.count("\n") == 1 and geojson.read_bytes() == b"{}"
+    args = ["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu", "--overwrite"]
+    assert main(args) == 0
+    assert (out / "notes.txt").read_text() == "mine" and geojson.read_bytes() == before
+
+
+def test_a_refused_demo_model_leaves_no_folder(tmp_path, capsys):
+    slide = require_shared("wsi", "CMU-1-Small-Region.svs")
+    out = tmp_path / "demo"
+    assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--model", str(tmp_path / "no")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
 
 
 def test_segment_takes_the_default_model_by_name(tmp_path):

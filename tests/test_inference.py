@@ -261,7 +261,7 @@ def test_a_killed_run_rebuilds_the_coarse_levels_it_had_not_written(disc_slide, 
     monkeypatch.setattr(output._LevelWriter, "flush", real_flush)
     record = json.loads((partial_path(out) / ".zattrs").read_text())["napari-nephro-run"]
     assert record["rows_done"] > 0 and record["levels_done"][1] * 2 < record["rows_done"]  # level 1 lags
-    segment_slide(slide, Darkness(), out, resume=True, region=region)
+    segment_slide(slide, Darkness(), out, resume=True, region=region, batch_size=1)
     for level, expected in zip(levels_of(out), reference, strict=True):
         assert np.array_equal(level, expected)
 
@@ -275,7 +275,7 @@ def test_an_interrupted_run_is_kept_and_resumed(disc_slide, tmp_path):
     assert not out.exists()
     rows_done = json.loads((partial_path(out) / ".zattrs").read_text())["napari-nephro-run"]["rows_done"]
     assert rows_done > 0
-    segment_slide(slide, Darkness(), out, resume=True)
+    segment_slide(slide, Darkness(), out, resume=True, batch_size=1)
     assert out.exists() and not partial_path(out).exists()
 
 

@@ -110,4 +110,4 @@ def test_sizes_of_zero_are_refused_not_replaced_by_defaults(checkpoint, tmp_path
     (tmp_path / "afile").write_text("")
     assert main(["demo", "--headless", "--slide", str(png), "--mpp", "0.5", "--out", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err
-    assert "File exists" in err and err.count("\n") == 1  # an OSError is one line, not a traceback
+    assert "is a file, not a folder" in err and err.count("\n") == 1

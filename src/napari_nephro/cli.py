@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ class UserError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except (
@@ -57,21 +58,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line and a pointer to --help, not an 8-line usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+VALUE_MAY_START_WITH_DASH = ("--region",)  # X,Y,W,H: a region may start left of or above the slide
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--region -100,-100,400,400` as `--region=-100,...`: argparse takes a leading '-' for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        negative = i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2] in "0123456789."
+        if argv[i] in VALUE_MAY_START_WITH_DASH and negative and argv[i + 1][1:2]:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _number(low: float | None = None, high: float | None = None, *, above: bool = False):
+    """An argparse type for a finite number in [low, high] (or (low, high] with `above`): NaN and inf refused."""
+
+    def parse(text: str) -> float:
+        value = _finite(text)
+        too_low = low is not None and (value <= low if above else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            bracket = "(" if above else "["
+            raise argparse.ArgumentTypeError(f"{text!r} is not in {bracket}{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its message
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+POSITIVE = _number(0, above=True)
+FRACTION = _number(0, 1)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nephro", description="Kidney pathology on whole-slide images.")
+    parser = _Parser(prog="nephro", description="Kidney pathology on whole-slide images.")
     parser.add_argument("--version", action="version", version=f"napari-nephro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="describe a slide: format, levels, pixel size, tiles, associated images")
     info.add_argument("slide", help="slide file, DICOM WSI folder, or plain image")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for files that do not say")
+    info.add_argument("--mpp", type=POSITIVE, help="level-0 micrometres per pixel, for files that do not say")
     info.set_defaults(func=cmd_info)
 
     ev = sub.add_parser("evaluate", help="compare predictions with ground truth: Dice, instance precision/recall/F1")
     ev.add_argument("--pred", required=True, help="prediction: GeoJSON, COCO, XML, label image, OME-Zarr, or a folder")
     ev.add_argument("--truth", required=True, help="ground truth: same formats; folders are matched by file stem")
-    ev.add_argument("--iou", type=float, default=0.5, help="IoU at which two objects match (default 0.5)")
+    ev.add_argument(
+        "--iou", type=_number(0, 1, above=True), default=0.5, help="IoU at which two objects match (default 0.5)"
+    )
     ev.add_argument("--per-crop", action="store_true", help="also score each true object cut out with a 25%% margin")
     ev.add_argument("--shape", type=_shape, help="HEIGHT,WIDTH of the image when both sides are polygons")
     ev.add_argument("--slide", help="the slide or image annotated: its size, when both sides are polygons")
@@ -90,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     tiles = ex.add_argument_group("tile datasets (--to tiles)")
     tiles.add_argument("--tile", type=int, default=1024, help="tile size in pixels at --mpp (default 1024)")
     tiles.add_argument("--overlap", type=int, default=256, help="overlap between tiles in pixels (default 256)")
-    tiles.add_argument("--mpp", type=float, help="micrometres per pixel of the tiles (default: the image's own)")
+    tiles.add_argument("--mpp", type=POSITIVE, help="micrometres per pixel of the tiles (default: the image's own)")
     tiles.add_argument(
         "--keep", choices=KEEP, default="tissue", help="which tiles: with tissue (default), with objects, or all"
     )
@@ -115,10 +175,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("--out", required=True, type=Path, help="output: .zarr (OME-Zarr labels), .tif, or .geojson")
     seg.add_argument("--region", type=_region, help="X,Y,W,H in level-0 pixels (default: the whole slide)")
-    seg.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for slides that do not say")
+    seg.add_argument("--mpp", type=POSITIVE, help="level-0 micrometres per pixel, for slides that do not say")
     seg.add_argument("--tile", type=int, help="tile size at the model's mpp (default: the model's)")
     seg.add_argument("--overlap", type=int, help="overlap between tiles (default: the model's)")
-    seg.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold (default 0.5)")
+    seg.add_argument(
+        "--threshold",
+        type=_number(0, 1, above=True),
+        default=0.5,
+        help="foreground probability threshold (default 0.5)",
+    )
     seg.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     seg.add_argument(
         "--batch",
@@ -144,16 +209,16 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--map", nargs="+", default=[], metavar="LABEL=CLASS", help="rename labels (LABEL=ignore drops)")
     tr.add_argument("--from", dest="init", type=Path, help="fine-tune this checkpoint instead of starting fresh")
     tr.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
-    tr.add_argument("--mpp", type=float, help="micrometres per pixel of the tiles (default 1.0)")
-    tr.add_argument("--image-mpp", type=float, help="pixel size of images that do not say (plain PNG/JPEG)")
+    tr.add_argument("--mpp", type=POSITIVE, help="micrometres per pixel of the tiles (default 1.0)")
+    tr.add_argument("--image-mpp", type=POSITIVE, help="pixel size of images that do not say (plain PNG/JPEG)")
     tr.add_argument("--tile", type=int, help="tile size at --mpp (default 1024)")
     tr.add_argument("--overlap", type=int, help="overlap between tiles (default 256)")
     tr.add_argument("--input", type=int, help="network input size (default 320)")
     tr.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
     tr.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    tr.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
-    tr.add_argument("--val-fraction", type=float, default=0.2, help="share of images kept for validation (0.2)")
+    tr.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (default 1e-4)")
+    tr.add_argument("--weight-decay", type=_number(0), default=1e-5, help="AdamW weight decay (default 1e-5)")
+    tr.add_argument("--val-fraction", type=FRACTION, default=0.2, help="share of images kept for validation (0.2)")
     tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
     tr.add_argument("--allow-empty", action="store_true", help="keep images without objects (as negatives)")
     tr.add_argument("--no-augment", action="store_true", help="train without augmentations")
@@ -172,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     init.add_argument("--classes", nargs="+", default=["glomerulus"], help="class names (default: glomerulus)")
     init.add_argument("--encoder", help="smp / timm encoder name (default per architecture)")
-    init.add_argument("--mpp", type=float, default=1.0, help="micrometres per pixel of the tiles (default 1.0)")
+    init.add_argument("--mpp", type=POSITIVE, default=1.0, help="micrometres per pixel of the tiles (default 1.0)")
     init.add_argument("--tile", type=int, default=1024, help="tile size at --mpp (default 1024)")
     init.add_argument("--overlap", type=int, default=256, help="tile overlap (default 256)")
     init.add_argument("--input", type=int, default=320, help="network input size (default 320)")
@@ -188,11 +253,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--images", required=True, type=Path, help="the annotated slide or image, or a folder of them")
     add.add_argument("--classes", nargs="+", help="class names of a new set (default: the annotations' labels)")
     add.add_argument("--map", nargs="+", default=[], metavar="LABEL=CLASS", help="rename labels (LABEL=ignore drops)")
-    add.add_argument("--mpp", type=float, help="micrometres per pixel of the crops of a new set (default 1.0)")
+    add.add_argument("--mpp", type=POSITIVE, help="micrometres per pixel of the crops of a new set (default 1.0)")
     add.add_argument("--size", type=int, help="crop side in pixels of a new set (default 448, SegGPT's input)")
     add.add_argument("--per-class", type=int, help="examples per class, drawn at random (default: every object)")
     add.add_argument("--seed", type=int, default=0, help="random seed of --per-class (default 0)")
-    add.add_argument("--image-mpp", type=float, help="micrometres per pixel of images that do not say")
+    add.add_argument("--image-mpp", type=POSITIVE, help="micrometres per pixel of images that do not say")
     add.set_defaults(func=cmd_prompts_add)
     show = prompts_sub.add_parser("list", help="the examples of a prompt set")
     show.add_argument("folder", type=Path)
@@ -218,7 +283,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("nephro-demo"), help="folder for the files (nephro-demo)")
     demo.add_argument("--model", default="default", help="checkpoint folder, or 'default' (the shipped model)")
     demo.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    demo.add_argument("--mpp", type=float, help="level-0 micrometres per pixel, for slides that do not say")
+    demo.add_argument("--mpp", type=POSITIVE, help="level-0 micrometres per pixel, for slides that do not say")
+    demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     demo.add_argument("--screenshot", type=Path, metavar="PNG", help="save a screenshot of the window and exit")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -239,6 +305,8 @@ def _region(text: str) -> tuple[float, float, float, float]:
         x, y, w, h = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected X,Y,W,H in level-0 pixels, got {text!r}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise argparse.ArgumentTypeError(f"X,Y,W,H must be finite numbers, got {text!r}")
     return x, y, w, h
 
 
@@ -249,7 +317,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UserError("--batch and --readers must be at least 1")
     from .inference.output import check_output
 
-    check_output(args.out, overwrite=args.overwrite, resume=args.resume)  # before a model of seconds to load
+    if check_output(args.out, overwrite=args.overwrite, resume=args.resume):  # before a model of seconds to load
+        print(f"{args.out}: the run is already complete; nothing to resume")
+        return 0
     slide = open_slide(args.slide, mpp=args.mpp)
     segmenter = _segmenter(args)
     _announce_cost(slide, segmenter, args)
@@ -394,9 +464,9 @@ def _pairs(values: list[str], option: str, number: bool = False) -> dict:
         if not sep or not key or not value:
             raise UserError(f"{option} takes NAME=VALUE pairs, not {text!r}")
         try:
-            pairs[key] = float(value) if number else value
-        except ValueError:
-            raise UserError(f"{option} {text!r}: {value!r} is not a number") from None
+            pairs[key] = _finite(value) if number else value
+        except argparse.ArgumentTypeError:
+            raise UserError(f"{option} {text!r}: {value!r} is not a finite number") from None
     return pairs
 
 
@@ -420,7 +490,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "bar" not in bars:
             from tqdm import tqdm
 
-            bars["bar"] = tqdm(total=step.steps, desc=f"epoch {step.epoch}", unit="batch", file=sys.stderr, leave=False)
+            bars["bar"] = tqdm(
+                total=step.steps, desc=f"epoch {step.epoch}", unit="batch", file=sys.stderr, leave=False, disable=None
+            )  # disable=None: no bar when stderr is a file or a pipe (one line per epoch says enough)
         bars["bar"].set_postfix(loss=f"{step.loss:.3f}")
         bars["bar"].update(1)
 
@@ -636,7 +708,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     slide = open_slide(path, mpp=args.mpp)  # fail here, with one line, before any work
     with _progress_bar("segment", "tile") as bar:
         job = run_demo_job(
-            slide, args.out, model=args.model, device=args.device, progress=lambda p: bar(p.done, p.total)
+            slide,
+            args.out,
+            model=args.model,
+            device=args.device,
+            progress=lambda p: bar(p.done, p.total),
+            overwrite=args.overwrite,
         )
     print(
         f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s "

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .._lock import Locked, exclusive
 from ..io import Slide
-from .engine import Progress, RunStats, channels_of, run_tiles
+from .engine import Progress, RunStats, channels_of, check_memory, run_tiles
 from .errors import SegmentError
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
 from .plan import Plan, cells, make_plan, slide_mpp
@@ -89,6 +91,7 @@ def segment_region(
     """
     _check_threshold(threshold)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    check_memory(plan, channels_of(segmenter), batch_size)
     height, width = plan.out_shape
     channels = channels_of(segmenter)
     size = height * width * (4 * channels if probabilities else 1)
@@ -132,8 +135,38 @@ def segment_slide(
     """
     _check_threshold(threshold)
     out = Path(out)
-    check_output(out, overwrite=overwrite, resume=resume)
+    if check_output(out, overwrite=overwrite, resume=resume):
+        return _already_complete(out)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
+    check_memory(plan, channels_of(segmenter), batch_size)
+    try:
+        with exclusive(out):  # a second run on the same output refuses instead of deleting our files
+            if check_output(out, overwrite=overwrite, resume=resume, locked=True):  # finished while we planned
+                return _already_complete(out)
+            return _run_into_store(
+                slide, segmenter, plan, out, threshold, batch_size, readers, resume, overwrite, progress, cancel
+            )
+    except Locked as exc:
+        raise SegmentError(str(exc)) from None
+
+
+def _already_complete(out: Path) -> SlideResult:
+    return SlideResult(out, partial_path(out), 0, 0, RunStats(0, 0, 0, 0.0, 0.0, True))
+
+
+def _run_into_store(
+    slide: Slide,
+    segmenter,
+    plan: Plan,
+    out: Path,
+    threshold: float,
+    batch_size: int,
+    readers: int | None,
+    resume: bool,
+    overwrite: bool,
+    progress: Callable[[Progress], None] | None,
+    cancel: Callable[[], bool] | None,
+) -> SlideResult:
     mpp = slide_mpp(slide)
     classes = classes_of(segmenter)
     identity = _json(
@@ -144,6 +177,10 @@ def segment_slide(
             "model": getattr(segmenter, "fingerprint", type(segmenter).__name__),
             "plan": plan.describe(),
             "threshold": threshold,
+            # a network's output changes in its last bits with the batch and the device: a resume with
+            # other ones would join two slightly different runs
+            "batch": batch_size,
+            "device": str(getattr(getattr(segmenter, "device", None), "type", getattr(segmenter, "device", None))),
         }
     )
     partial = partial_path(out)
@@ -161,10 +198,19 @@ def segment_slide(
             "cols": plan.out_shape[1],
             "name": f"{Path(slide.source).stem} {', '.join(segmenter.classes)}",
         }
-        store = ZarrRunStore.create(partial, full, offset, record, threshold, mpp=mpp * d)
-    stats = run_tiles(
-        slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
-    )
+        try:
+            store = ZarrRunStore.create(partial, full, offset, record, threshold, mpp=mpp * d)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a disk full or Ctrl-C while laying it out
+            raise
+    try:
+        stats = run_tiles(
+            slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
+        )
+    except BaseException:
+        if not resume and store.rows_done == 0:  # failed before any row: nothing worth resuming
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     rows = plan.out_shape[0]
     if store.rows_done < rows:
         return SlideResult(None, partial, store.rows_done, rows, stats)

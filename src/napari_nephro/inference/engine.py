@@ -25,6 +25,7 @@ import numpy as np
 
 from ..io import Slide
 from ..tiling import read_scaled
+from .errors import SegmentError
 from .output import Sink
 from .plan import GridTile, Plan
 from .stitch import RowResampler, RowStitcher
@@ -118,6 +119,36 @@ def run_tiles(
         finally:
             pool.shutdown(cancel_futures=True)
     return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+
+
+MAX_RUN_BYTES = 8 * 1024**3  # what a run may hold besides the model: a 16 GB laptop still has room for it
+
+
+def memory_needed(plan: Plan, channels: int, batch_size: int) -> int:
+    """Bytes a run holds at its peak, besides the model: the stitching band, queued batches, output blocks.
+
+    Whatever the slide's size this is a few tiles and one band a tile high, so only
+    absurd tiles, batches or scales make it large; they are refused before anything is read.
+    """
+    tile, (_, work_w), (_, out_w) = plan.tile, plan.work_shape, plan.out_shape
+    band = (channels + 1) * tile * max(work_w, tile) * 4  # weighted sums and weights, float32
+    released = channels * tile * work_w * 4 * 2  # a released band, and its copy held for resampling
+    tiles = (PREFETCH_BATCHES + 1) * batch_size * tile * tile * (3 + 3 + 4 * channels)  # read, resampled, predicted
+    out_rows = 4 * channels * RowResampler.ROW_BLOCK * out_w * 4  # output blocks in flight, float32
+    return band + released + tiles + out_rows
+
+
+def check_memory(plan: Plan, channels: int, batch_size: int, limit: int = MAX_RUN_BYTES) -> None:
+    """Refuse a run that would need more than `limit` bytes, saying how much and what to change."""
+    if batch_size < 1:
+        raise SegmentError(f"the batch size must be at least 1, not {batch_size}")
+    need = memory_needed(plan, channels, batch_size)
+    if need > limit:
+        raise SegmentError(
+            f"this run would hold {need / 1024**3:.1f} GiB in memory (tiles of {plan.tile} px, batch {batch_size}, "
+            f"{plan.work_shape[1]} px wide at the model's scale); the limit is {limit / 1024**3:.0f} GiB: "
+            "use a smaller --tile or --batch, or a --region"
+        )
 
 
 def default_readers() -> int:
@@ -270,9 +301,11 @@ class _Writer(_Stage):
                 break  # the run stopped early: this tile's rows stay unwritten
             self._next += 1
         more = self._next < len(self.tiles)
-        finished = self.row_starts[self.tiles[self._next].row] if more else self.stitcher.height
-        if finished > self.stitcher.top:
-            start, rows = self.stitcher.release(finished)
+        finished = min(
+            self.row_starts[self.tiles[self._next].row] if more else self.stitcher.height, self.stitcher.height
+        )
+        while finished > self.stitcher.top:  # a tile's height at a time: rows of glass below can be many
+            start, rows = self.stitcher.release(min(finished, self.stitcher.top + self.stitcher.tile))
             for y, out in self.resampler.push(start, rows):
                 self._sink_thread.put((y, self.sink.prepare(out)))  # class ids are 4x smaller than floats
 

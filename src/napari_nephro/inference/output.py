@@ -67,22 +67,41 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f"{name}.partial.zarr")
 
 
-def check_output(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse an output we cannot or must not write, before any tile is read."""
+def check_output(out: Path, *, overwrite: bool, resume: bool, locked: bool = False) -> bool:
+    """Refuse an output we cannot or must not write, before any tile is read.
+
+    Returns True when `resume` finds the run already complete: `out` is there and
+    nothing unfinished is (a run killed just after it finished); there is nothing to do.
+    `locked`: the caller holds the output's lock (else another holder is refused).
+    """
+    from .._lock import holder
+
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise SegmentError(f"{out}: the output must end in .zarr (OME-Zarr labels), .tif or .geojson")
     if not out.parent.is_dir():
         raise SegmentError(f"{out}: folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise SegmentError(f"{out}: already exists; pass --overwrite to replace it")
+    owner = None if locked else holder(out)
+    if owner is not None:
+        raise SegmentError(f"{out}: another nephro run ({owner}) is writing it; wait for it to end, or stop it first")
     partial = partial_path(out)
     if resume and not partial.exists():
+        if out.exists():
+            return True
         raise SegmentError(f"{out}: nothing to resume (no {partial.name})")
+    if out.exists() and not overwrite:
+        raise SegmentError(f"{out}: already exists; pass --overwrite to replace it")
     if partial.exists() and not resume and not overwrite:
         done = _describe_progress(partial)
         raise SegmentError(
             f"{out}: an unfinished run is in {partial.name} ({done}); pass --resume to finish it or --overwrite to restart"
         )
+    return False
+
+
+def _difference(key: str, was, now) -> str:
+    """`batch (was 4, now 8)` for the simple values a user sets; the key alone for the rest."""
+    simple = (int, float, str, type(None))
+    return f"{key} (was {was}, now {now})" if isinstance(was, simple) and isinstance(now, simple) else key
 
 
 def _describe_progress(partial: Path) -> str:
@@ -215,9 +234,9 @@ class ZarrRunStore:
             raise SegmentError(f"{path}: not a partial run of napari-nephro; remove it or pass --overwrite") from None
         changed = [key for key, value in expected.items() if record.get(key) != value]
         if changed:
+            what = ", ".join(_difference(key, record.get(key), expected[key]) for key in changed)
             raise SegmentError(
-                f"{path}: was started with a different {', '.join(changed)}; "
-                "resume with the same options, or pass --overwrite to restart"
+                f"{path}: was started with a different {what}; resume with the same options, or pass --overwrite to restart"
             )
         return cls(path, group, record, threshold)
 

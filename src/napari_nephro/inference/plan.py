@@ -19,6 +19,7 @@ from ..tiling import read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError
 
 THUMBNAIL_SIDE = 2048  # the tissue map is read at most this large, from a coarse level
+MAX_TILE = 8192  # working pixels a tile side: models take 256 to 1024; larger only multiplies memory
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def make_plan(
     """
     if tile <= 0 or not 0 <= overlap < tile:
         raise SegmentError(f"tile must be positive and overlap in [0, tile), not tile={tile} overlap={overlap}")
+    if tile > MAX_TILE:
+        raise SegmentError(f"tiles of {tile} px are too large: at most {MAX_TILE} px a side")
     if out_downsample <= 0:
         raise SegmentError(f"out_downsample must be positive, not {out_downsample}")
     box = check_region(slide, region)

@@ -6,6 +6,7 @@ files in napari.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,11 +49,13 @@ def run_demo_job(
     model: str = "default",
     device: str = "auto",
     progress: Callable | None = None,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Segment the whole slide with `model` into `out_dir`: labels (.zarr), objects (.geojson), overview (.png).
 
-    The three files are named after the slide; a rerun replaces them (they are the
-    demo's own), never anything else in the folder.
+    The three files are named after the slide. Those of an earlier run are replaced
+    only with `overwrite`; nothing else in the folder is ever touched, and a refused
+    run (a wrong model, results already there) leaves no folder behind.
     """
     from ..annotations import AnnotationSet, write_geojson
     from ..annotations.omezarr import read_label_zarr
@@ -61,19 +64,46 @@ def run_demo_job(
     from ..models import TorchSegmenter
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = slide_stem(slide)
+    outputs = demo_outputs(out_dir, stem)
+    check_demo_output(out_dir, outputs, overwrite=overwrite)
     segmenter = TorchSegmenter.from_checkpoint(model, device=device)
-    labels_path = out_dir / f"{stem}.glomeruli.zarr"
-    result = segment_slide(slide, segmenter, labels_path, overwrite=True, progress=progress)
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels_path, geojson_path, overview_path = outputs
+    try:
+        result = segment_slide(slide, segmenter, labels_path, overwrite=True, progress=progress)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # the folder this run made, if it is still empty
+        raise
     pyramid = read_label_zarr(labels_path)
     pieces = class_objects(pyramid.levels[0], pyramid.classes)
     min_px = MIN_GLOMERULUS_UM2 / (slide.mpp or 1.0) ** 2
     objects = AnnotationSet([a for a in pieces if a.area >= min_px], classes=pieces.classes)
-    geojson = write_geojson(objects, out_dir / f"{stem}.glomeruli.geojson", overwrite=True)
-    overview = write_overview(slide, pyramid, out_dir / f"{stem}.overview.png")
+    geojson = write_geojson(objects, geojson_path, overwrite=True)
+    overview = write_overview(slide, pyramid, overview_path)
     fragments = len(pieces) - len(objects)
     return DemoResult(slide, labels_path, geojson, overview, len(objects), fragments, result.stats.seconds)
+
+
+def demo_outputs(out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
+    """Labels, polygons and overview of the demo on the slide named `stem`."""
+    return (out_dir / f"{stem}.glomeruli.zarr", out_dir / f"{stem}.glomeruli.geojson", out_dir / f"{stem}.overview.png")
+
+
+def check_demo_output(out_dir: Path, outputs: tuple[Path, ...], *, overwrite: bool) -> None:
+    """Refuse a folder we cannot write, or earlier results without `overwrite`, before any model is loaded."""
+    from ..inference.errors import SegmentError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SegmentError(f"{out_dir}: is a file, not a folder for the results")
+    there = [p.name for p in outputs if p.exists()]
+    if there and not overwrite:
+        raise SegmentError(
+            f"{out_dir}: holds the results of an earlier run ({', '.join(there)}); pass --overwrite to replace them"
+        )
 
 
 def write_overview(slide: Slide, pyramid, path: Path) -> Path:

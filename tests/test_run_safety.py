@@ -1,0 +1,224 @@
+"""Runs that must not lose or mix results: two writers, resumes, refusals that leave nothing, options parsed whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import require_shared
+from napari_nephro._atomic import atomic_output
+from napari_nephro.annotations.omezarr import read_label_zarr
+from napari_nephro.cli import main
+from napari_nephro.inference import partial_path, segment_slide
+from napari_nephro.inference.errors import SegmentError
+from napari_nephro.io import open_slide
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "unet"
+    assert main(["model", "init", "--arch", "unet", "--encoder", "resnet18", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def cmu():
+    return require_shared("wsi", "CMU-1-Small-Region.svs")
+
+
+def _one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _hold_lock(out):
+    """Another process holding `out`'s lock, as a second nephro run would."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from napari_nephro._lock import exclusive\n"
+        "with exclusive(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def _complete_zarr(path) -> bool:
+    labels = read_label_zarr(path)
+    return all(np.asarray(level).size for level in labels.levels)
+
+
+def test_a_second_run_on_a_busy_output_refuses_and_loses_nothing(checkpoint, cmu, tmp_path, capsys):
+    out = tmp_path / "cmu.zarr"
+    args = ["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "0,0,800,800"]
+    assert main(args) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    child = _hold_lock(out)
+    try:
+        assert main([*args, "--overwrite"]) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert f"pid {child.pid}" in err and "writing it" in err
+        # the library call the widget makes is refused the same way, after planning
+        with pytest.raises(SegmentError, match="another nephro run"):
+            from napari_nephro.models import TorchSegmenter
+
+            segment_slide(open_slide(cmu), TorchSegmenter.from_checkpoint(checkpoint), out, overwrite=True)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and _complete_zarr(out)
+        assert not partial_path(out).exists()
+    finally:
+        child.kill()
+        child.wait()
+    # a killed holder leaves no stale lock: the next run goes ahead
+    assert main([*args, "--overwrite"]) == 0
+    assert _complete_zarr(out) and not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_two_overwriting_runs_at_once_leave_one_complete_output(checkpoint, cmu, tmp_path):
+    out = tmp_path / "cmu.zarr"
+    args = [sys.executable, "-m", "napari_nephro.cli", "segment", str(cmu), "--model", str(checkpoint)]
+    args += ["--out", str(out), "--region", "0,0,1500,1500", "--overwrite", "--device", "cpu"]
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    runs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(), run.stderr.read()) for run in runs]
+    for code, err in results:
+        assert code == 0 or (code == 2 and "another nephro run" in err and err.count("\n") == 1), err
+    assert _complete_zarr(out) and not partial_path(out).exists()
+    record = json.loads((out / ".zattrs").read_text())["napari-nephro-run"]
+    assert record["complete"] and record["rows_done"] == record["rows"]
+
+
+def test_resume_of_a_finished_run_says_so_and_keeps_it(checkpoint, cmu, tmp_path, capsys):
+    out = tmp_path / "cmu.geojson"
+    args = ["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "0,0,600,600"]
+    assert main(args) == 0
+    capsys.readouterr()
+    stamp = out.stat().st_mtime_ns
+    assert main([*args, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == stamp
+
+
+def test_a_resume_with_another_batch_would_mix_two_runs_and_is_refused(checkpoint, cmu, tmp_path, capsys):
+    from napari_nephro.models import TorchSegmenter
+
+    out = tmp_path / "cmu.zarr"
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+
+        def interrupt_after_two_rows(progress):
+            calls.append(progress.done)
+            if len(calls) == 12:  # 11 batches of 2: two of the six rows of tiles are done
+                raise KeyboardInterrupt
+
+        segment_slide(
+            open_slide(cmu),
+            TorchSegmenter.from_checkpoint(checkpoint),
+            out,
+            tile=256,
+            overlap=64,
+            batch_size=2,
+            skip_background=False,
+            progress=interrupt_after_two_rows,
+        )
+    assert partial_path(out).exists()
+    args = ["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--tile", "256", "--overlap", "64"]
+    assert main([*args, "--all-tiles", "--resume", "--batch", "3"]) == 2
+    assert "batch (was 2, now 3)" in _one_line(capsys.readouterr().err)
+    assert main([*args, "--all-tiles", "--resume", "--batch", "2"]) == 0
+    assert _complete_zarr(out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--tile", "100000"], "at most 8192"),
+        (["--batch", "100000"], "GiB in memory"),
+    ],
+)
+def test_absurd_sizes_are_refused_before_anything_is_written(checkpoint, cmu, tmp_path, capsys, extra, reason):
+    out = tmp_path / "cmu.zarr"
+    assert main(["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), *extra]) == 2
+    assert reason in _one_line(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_no_partial_store(cmu, tmp_path):
+    class Broken:
+        kind, classes, fingerprint, mpp, tile_size, overlap = "semantic", ["x"], "broken", 1.0, 256, 32
+
+        def predict(self, tiles):
+            raise ValueError("the model broke")
+
+    with pytest.raises(ValueError, match="the model broke"):
+        segment_slide(open_slide(cmu), Broken(), tmp_path / "x.zarr")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_region_left_of_or_above_the_slide_is_accepted(checkpoint, cmu, tmp_path):
+    out = tmp_path / "corner.zarr"
+    assert (
+        main(["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "-100,-100,400,400"]) == 0
+    )
+    assert read_label_zarr(out).levels[0].shape == open_slide(cmu).level_shapes[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["segment", "S", "--model", "m", "--out", "o.zarr", "--region", "nan,0,10,10"],
+        ["segment", "S", "--model", "m", "--out", "o.zarr", "--region", "0,0,inf,10"],
+        ["segment", "S", "--model", "m", "--out", "o.zarr", "--threshold", "nan"],
+        ["segment", "S", "--model", "m", "--out", "o.zarr", "--mpp", "inf"],
+        ["evaluate", "--pred", "a", "--truth", "b", "--iou", "nan"],
+        ["train", "--annotations", "a", "--images", "b", "--out", "c", "--lr", "nan"],
+        ["train", "--annotations", "a", "--images", "b", "--out", "c", "--val-fraction", "2"],
+        ["export", "a", "--to", "tiles", "--out", "o", "--mpp", "-1"],
+        ["segment"],
+        ["no-such-command"],
+    ],
+)
+def test_option_errors_are_one_line_with_a_pointer_to_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("nephro") and "error:" in err and "--help" in err
+
+
+def test_a_number_that_is_not_finite_in_a_pair_option_is_one_line(capsys):
+    argv = ["train", "--annotations", "a", "--images", "b", "--out", "c", "--oversample", "global=inf"]
+    assert main(argv) == 2
+    assert "not a finite number" in _one_line(capsys.readouterr().err)
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_and_a_moved_aside_folder_restored(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended
+    stale = tmp_path / f".tiles.{pid}.tmp"
+    (stale / "images").mkdir(parents=True)
+    (stale / "images" / "0.png").write_bytes(b"half")
+    live = tmp_path / f".tiles.{os.getppid()}.tmp"  # a live process's files stay
+    live.mkdir()
+    with atomic_output(tmp_path / "tiles") as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert not stale.exists() and live.exists() and (tmp_path / "tiles" / "new.txt").exists()
+    # killed between moving the old folder aside and the new one in: the old one comes back
+    old = tmp_path / f".results.{pid}.old"
+    old.mkdir()
+    (old / "mine.txt").write_text("mine")
+    with atomic_output(tmp_path / "other") as tmp:
+        tmp.write_text("x")
+    assert not (tmp_path / "results").exists()  # only the path being written is looked after
+    with atomic_output(tmp_path / "results") as tmp:
+        assert (tmp_path / "results" / "mine.txt").read_text() == "mine"  # restored before the write
+        tmp.mkdir()
+    assert not old.exists()
