@@ -79,7 +79,9 @@ def test_a_trained_checkpoint_loads_segments_and_says_how_it_was_made(aidpath_su
     args += ["--decoder-channels", "32", "16", "16", "8", "8", "--epochs", "1", "--batch", "4", "--device", "cpu"]
     args += ["--out", str(out), "--attribution", "AIDPATH (CC BY 4.0)"]
     assert main(args) == 0
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert str(out) in printed.out
+    assert len(printed.err.splitlines()) == 1, printed.err  # one line per epoch: no bar redraws off a terminal
     config = json.loads((out / "config.json").read_text())
     made = config["provenance"]
     assert made["recipe"]["epochs"] == 1 and made["best_epoch"] == 1 and len(made["history"]) == 1

@@ -7,9 +7,17 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import SlideError
+
 # Micrometres per pixel outside this range come from a default resolution tag
 # (72 dpi is 352.8 um/px), not from a microscope, and are reported as unknown.
 PLAUSIBLE_MPP = (0.01, 50.0)
+
+# Declared sizes beyond these are a damaged or hostile header, not a slide, and are refused
+# at open: a 75 x 25 mm slide at 0.25 um/px is about 30 Gpx, and no scanner's tile comes
+# near 128 Mpx (a decoded tile that size is 384 MiB of RGB, held by each reading thread).
+MAX_LEVEL_PIXELS = 2**36  # ~68.7 Gpx
+MAX_TILE_PIXELS = 2**27  # ~134 Mpx: one tile, or one strip that must be decoded whole
 
 
 class Backend(Protocol):
@@ -37,6 +45,33 @@ class Backend(Protocol):
 
 
 WHITE = (255, 255, 255)
+
+
+def megapixels(pixels: float) -> str:
+    """A pixel count in words: "134 Mpx", "68.7 Gpx"."""
+    return f"{pixels / 1e9:.3g} Gpx" if pixels >= 1e9 else f"{pixels / 1e6:.3g} Mpx"
+
+
+def check_geometry(
+    path, level_shapes: list[tuple[int, int]], tile_shapes: list[tuple[int, int]], units: list[str] | None = None
+) -> None:
+    """Refuse (SlideError) levels or tiles no real slide has, before anything is allocated for them."""
+    for i, (h, w) in enumerate(level_shapes):
+        if h < 1 or w < 1:
+            raise SlideError(path, f"level {i} is empty ({w} x {h} pixels)")
+        if h * w > MAX_LEVEL_PIXELS:
+            raise SlideError(
+                path,
+                f"level {i} declares {w} x {h} pixels ({megapixels(h * w)}), more than any slide has: "
+                f"the limit is {megapixels(MAX_LEVEL_PIXELS)} (2^36 pixels)",
+            )
+    for i, (th, tw) in enumerate(tile_shapes):
+        if th < 1 or tw < 1 or th * tw > MAX_TILE_PIXELS:
+            raise SlideError(
+                path,
+                f"level {i} declares {units[i] if units else 'tiles'} of {tw} x {th} pixels ({megapixels(th * tw)}); "
+                f"the limit is {megapixels(MAX_TILE_PIXELS)} (2^27 pixels) per tile",
+            )
 
 
 def parse_float(text: str | None) -> float | None:

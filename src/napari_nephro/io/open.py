@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -50,8 +51,14 @@ def open_slide(
 
 def _resolve(path: Path) -> Path:
     """The file to open: the path itself, or the slide inside a DICOM or MIRAX folder."""
-    if not path.exists():
-        raise SlideError(path, "no such file or directory")
+    try:
+        os.stat(path)  # Path.exists() says False for a symbolic link loop, and for a file it may not read
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SlideError(path, "is a symbolic link loop (a link that points, in the end, back to itself)") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise SlideError(path, "no such file or directory") from None
+        raise
     if path.is_dir():
         return _slide_in_directory(path)
     if path.stat().st_size == 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import WHITE, mpp_pair, parse_float, plausible_mpp, to_rgb
+from .backend import WHITE, check_geometry, mpp_pair, parse_float, plausible_mpp, to_rgb
 from .errors import SlideError
 
 # Formats OpenSlide reads better than tifffile would. Plain "generic-tiff" is left
@@ -44,6 +44,7 @@ class OpenSlideBackend:
             raise SlideError(path, f"OpenSlide cannot open it ({exc}){hint}") from None
         try:
             self._describe()
+            check_geometry(path, self.level_shapes, self.tile_shapes)  # before any tile is read
             if check_tiles:
                 self._check_readable()
         except BaseException:  # a refused file must not stay open

@@ -11,7 +11,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .backend import Backend
+from .backend import PLAUSIBLE_MPP, Backend, check_geometry
 from .cache import DEFAULT_CACHE_BYTES, TileCache
 from .errors import SlideError
 
@@ -46,6 +46,7 @@ class Slide:
     ):
         self.path = path  # the file the backend opened
         self.source = source or path  # what the user asked for: a file, or a DICOM folder
+        check_geometry(path, list(backend.level_shapes), list(backend.tile_shapes))  # each backend checks it too
         self._backend = backend
         self.cache = TileCache(cache_bytes)
         self._mpp_override = _valid_mpp(path, mpp) if mpp is not None else None
@@ -250,10 +251,19 @@ def _reopen(path: Path, mpp: float | None, backend: str, cache_bytes: int) -> Sl
 
 
 def _valid_mpp(path: Path, mpp: float) -> float:
+    """A pixel size the user gives: a number a microscope can have (PLAUSIBLE_MPP), else SlideError.
+
+    `--mpp 1e-9` on a PNG would make every later step ask for a tile grid of astronomic size.
+    """
+    lo, hi = PLAUSIBLE_MPP
     try:
         value = float(mpp)
     except (TypeError, ValueError):
-        raise SlideError(path, f"pixel size {mpp!r} is not a number") from None
-    if not (math.isfinite(value) and 0 < value < 1000):
-        raise SlideError(path, f"pixel size {mpp!r} um/px is not a positive size")
+        raise SlideError(path, f"pixel size {mpp!r} is not a number (give it in um/px, from {lo:g} to {hi:g})") from None
+    if not (math.isfinite(value) and value > 0):
+        raise SlideError(path, f"pixel size {mpp!r} um/px is not a positive size (give one from {lo:g} to {hi:g} um/px)")
+    if not lo <= value <= hi:
+        raise SlideError(
+            path, f"pixel size {value:g} um/px is implausible for a microscope: give one from {lo:g} to {hi:g} um/px"
+        )
     return value

@@ -47,11 +47,17 @@ def save_checkpoint(
         raise ModelError(f"{folder}: already exists; pass --overwrite to replace it")
     if not folder.parent.exists():
         raise ModelError(f"{folder}: folder {folder.parent} does not exist")
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    bad = count_nonfinite(state)
+    if bad:  # a diverged network: a checkpoint that would segment nonsense
+        raise ModelError(f"{folder}: {bad} of {len(state)} weight tensors hold NaN or infinite values (diverged)")
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        bad = count_nonfinite(state)
+        if bad:
+            raise ModelError(f"{folder}: {bad} weight tensors overflow float16: save without half precision")
     with atomic_output(folder) as tmp:
         tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-        if half:
-            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"arch": config.arch})
         (tmp / CONFIG).write_text(config.to_json())
     return folder
@@ -74,8 +80,8 @@ def load_checkpoint(
     network = build_network(config)
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"{weights}: not a readable safetensors file ({exc})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise ModelError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from None
     missing, unexpected = _compare(network.state_dict(), state)
     if missing or unexpected:
         example = (missing or unexpected)[0]
@@ -83,8 +89,27 @@ def load_checkpoint(
             f"{folder}: the weights do not fit a {config.arch} with encoder {config.encoder} "
             f"({len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. {example})"
         )
-    network.load_state_dict(state)
+    bad = count_nonfinite(state)
+    if bad:
+        raise ModelError(
+            f"{weights}: {bad} of {len(state)} tensors hold NaN or infinite values (a training run that diverged?): "
+            "this checkpoint cannot segment; retrain it with a lower --lr"
+        )
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype that cannot be cast
+        raise ModelError(f"{weights}: the weights do not load into a {config.arch} ({_first_line(exc)})") from None
     return network.to(device).eval(), config
+
+
+def count_nonfinite(state: dict[str, torch.Tensor]) -> int:
+    """How many floating-point tensors hold a NaN or an infinity."""
+    return sum(1 for v in state.values() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0][:200] if lines else "") or exc.__class__.__name__
 
 
 def _compare(expected: dict, found: dict) -> tuple[list[str], list[str]]:

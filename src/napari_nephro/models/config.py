@@ -7,6 +7,7 @@ network trained at 1 um/px on 1024 px tiles resized to 320 px must see the same.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,10 @@ ARCHITECTURES = ("unet", "unet3plus", "swin_unet")
 DEFAULT_ENCODERS = {"unet": "resnet34", "unet3plus": "resnet34", "swin_unet": "tu-swin_tiny_patch4_window7_224"}
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CONFIG_VERSION = 1
+# sizes beyond these are mistakes, and would ask for tens of GiB at segment time
+MAX_INPUT = 4096  # network input side
+MIN_TILE, MAX_TILE = 16, 16384  # tile side at the model's mpp
+MPP_RANGE = (0.05, 50.0)  # micrometres per pixel: from beyond 80x objectives to coarse overviews
 
 
 @dataclass
@@ -36,20 +41,51 @@ class ModelConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
+        if not isinstance(self.arch, str) or self.arch not in ARCHITECTURES:
             raise ModelError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+        if self.encoder is not None and not isinstance(self.encoder, str):
+            raise ModelError(f"encoder must be a name, not {self.encoder!r}")
         self.encoder = self.encoder or DEFAULT_ENCODERS[self.arch]
-        if not self.classes or len(set(self.classes)) != len(self.classes):
-            raise ModelError(f"classes must be distinct names, at least one, not {self.classes!r}")
-        for name in ("tile_size", "input_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ModelError(f"{name} must be positive, not {getattr(self, name)}")
+        if (
+            not isinstance(self.classes, (list, tuple))
+            or not all(isinstance(c, str) and c for c in self.classes)
+            or not self.classes
+            or len(set(self.classes)) != len(self.classes)
+        ):
+            raise ModelError(f"classes must be distinct names, at least one, not {_short(self.classes)}")
+        self.classes = list(self.classes)
+        self.tile_size = _integer("tile_size", self.tile_size)
+        self.overlap = _integer("overlap", self.overlap)
+        self.input_size = _integer("input_size", self.input_size)
+        self.version = _integer("version", self.version)
+        if self.tile_size <= 0:
+            raise ModelError(f"tile_size must be positive, not {self.tile_size}")
+        if not MIN_TILE <= self.tile_size <= MAX_TILE:
+            raise ModelError(f"tile_size must be between {MIN_TILE} and {MAX_TILE} px, not {self.tile_size}")
         if not 0 <= self.overlap < self.tile_size:
             raise ModelError(f"overlap must be in [0, tile_size), not {self.overlap}")
-        if not self.mpp or self.mpp <= 0:
-            raise ModelError(f"mpp must be positive, not {self.mpp}")
-        if self.input_size % 32:  # five stride-2 stages in every encoder of the family
-            raise ModelError(f"the network input size must be a multiple of 32, not {self.input_size}")
+        if self.input_size <= 0:
+            raise ModelError(f"input_size must be positive, not {self.input_size}")
+        if self.input_size % 32 or self.input_size > MAX_INPUT:  # five stride-2 stages in every encoder
+            raise ModelError(
+                f"the network input size must be a multiple of 32 up to {MAX_INPUT}, not {self.input_size}"
+            )
+        if isinstance(self.mpp, bool) or not isinstance(self.mpp, (int, float)) or not self.mpp > 0:
+            raise ModelError(f"mpp must be positive, not {_short(self.mpp)}")
+        self.mpp = float(self.mpp)
+        if not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
+            raise ModelError(
+                f"mpp must be between {MPP_RANGE[0]} and {MPP_RANGE[1]} micrometres per pixel, not {self.mpp}"
+            )
+        for name in ("normalization", "encoder_kwargs", "decoder", "provenance"):
+            if not isinstance(getattr(self, name), dict):
+                raise ModelError(f"{name} must be a JSON object, not {_short(getattr(self, name))}")
+        _check_normalization(self.normalization)
+        if not 1 <= self.version <= CONFIG_VERSION:
+            raise ModelError(
+                f"config version {self.version} is not one this napari-nephro reads (1 to {CONFIG_VERSION}): "
+                "update napari-nephro"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -67,6 +103,8 @@ class ModelConfig:
             raise ModelError(f"{path.parent}: not a checkpoint folder (no config.json)") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ModelError(f"{path}: not a checkpoint config (JSON nested too deeply)") from None
         if not isinstance(data, dict):
             raise ModelError(f"{path}: expected a JSON object")
         known = set(cls.__dataclass_fields__)
@@ -77,5 +115,37 @@ class ModelConfig:
             raise ModelError(f"{path}: no 'arch' (one of {', '.join(ARCHITECTURES)})")
         try:
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ModelError(f"{path}: {exc}") from None
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(name: str, value: object) -> int:
+    """A whole number (3 or 3.0), never a bool, a string or 3.5."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise ModelError(f"{name} must be a whole number, not {_short(value)}")
+    return int(value)
+
+
+def _check_normalization(norm: dict) -> None:
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if (
+            not isinstance(values, list)
+            or len(values) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):
+            raise ModelError(f"normalization {key} must be three numbers (R, G, B), not {_short(values)}")
+    if not all(v > 0 for v in norm["std"]):
+        raise ModelError(f"normalization std must be positive, not {norm['std']}")

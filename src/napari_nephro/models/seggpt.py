@@ -29,6 +29,9 @@ from .device import pick_device
 from .errors import ModelError
 
 HF_ID = "BAAI/seggpt-vit-large"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # weights in several shards
+PROCESSOR_CONFIG = "preprocessor_config.json"
 HUB_HOST = "huggingface.co"
 MODES = ("per_class", "palette")
 SCORE_SCALE = 16.0  # grey levels per logit: a pixel painted 32 levels above mid-grey is ~88% foreground
@@ -75,29 +78,66 @@ def load_seggpt(source: str | os.PathLike[str] | None = None):
         raise _missing(source, "no such folder")
     local = where == "folder"
     name = str(path) if local else source
+    if local:
+        _check_weights_file(path)
     try:
-        model = _from_pretrained(SegGptForImageSegmentation, name, local)
-    except OSError as exc:
-        raise _missing(source, str(exc).splitlines()[0][:160]) from None
+        # weights from safetensors only: transformers would otherwise unpickle a pytorch_model.bin
+        model = _from_pretrained(SegGptForImageSegmentation, name, local, use_safetensors=True)
     except ValueError as exc:  # a folder of another model type
-        raise ModelError(f"{source}: not a SegGPT checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise ModelError(f"{source}: not a SegGPT checkpoint ({_first_line(exc)})") from None
+    except OSError as exc:
+        if local:  # present but unreadable: a damaged config.json, a folder without weights
+            raise ModelError(f"{path}: cannot load SegGPT from it ({_first_line(exc)})") from None
+        raise _missing(source, _first_line(exc)) from None
+    except Exception as exc:  # damaged files: safetensors, JSON nested too deep, fields of the wrong type
+        raise ModelError(
+            f"{source}: damaged SegGPT weights or config ({exc.__class__.__name__}: {_first_line(exc)}); "
+            f"download {HF_ID} again"
+        ) from None
+    if local and not (path / PROCESSOR_CONFIG).is_file():
+        return model, SegGptImageProcessor()  # weights without a preprocessor config: the defaults are SegGPT's
     try:
         processor = _from_pretrained(SegGptImageProcessor, name, local)
-    except OSError:  # weights without a preprocessor_config.json: the processor's defaults are SegGPT's
-        processor = SegGptImageProcessor()
+    except OSError:
+        if local:
+            raise ModelError(f"{path / PROCESSOR_CONFIG}: not readable; delete it to use SegGPT's defaults") from None
+        processor = SegGptImageProcessor()  # a Hub download without one
+    except Exception as exc:
+        raise ModelError(
+            f"{source}: damaged {PROCESSOR_CONFIG} ({exc.__class__.__name__}: {_first_line(exc)}); "
+            "delete it to use SegGPT's defaults"
+        ) from None
     return model, processor
 
 
-def _from_pretrained(kind, name: str, local: bool):
+def _check_weights_file(path: Path) -> None:
+    """Only safetensors are read: pickled weights (`pytorch_model.bin`, `.pth`) can run code when loaded."""
+    if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file():
+        return
+    pickled = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt") and f.is_file())
+    if pickled:
+        raise ModelError(
+            f"{path}: holds {', '.join(pickled)} (pickled weights, which napari-nephro never loads): convert it to "
+            f"{WEIGHTS} on a machine you trust, or download {WEIGHTS} of {HF_ID} into this folder"
+        )
+    raise ModelError(f"{path}: no {WEIGHTS} beside config.json; download {WEIGHTS} of {HF_ID} into this folder")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else exc.__class__.__name__
+
+
+def _from_pretrained(kind, name: str, local: bool, **options):
     """From a folder, else the Hugging Face cache, else a download; offline, fail at once instead of retrying."""
     if local:
-        return kind.from_pretrained(name, local_files_only=True)
+        return kind.from_pretrained(name, local_files_only=True, **options)
     try:
-        return kind.from_pretrained(name, local_files_only=True)
+        return kind.from_pretrained(name, local_files_only=True, **options)
     except OSError:
         if not _online(HUB_HOST):
             raise OSError("not in the Hugging Face cache, and huggingface.co cannot be reached") from None
-        return kind.from_pretrained(name)
+        return kind.from_pretrained(name, **options)
 
 
 def _online(host: str, timeout: float = 3.0) -> bool:

@@ -61,9 +61,8 @@ def model_config_for(
         )
     if input_size is not None and input_size != config.input_size and config.arch == "swin_unet":
         raise TrainingError(f"a Swin U-Net is built for {config.input_size} px input; it cannot change")
-    changes = {
-        k: v for k, v in (("mpp", mpp), ("tile_size", tile), ("overlap", overlap), ("input_size", input_size)) if v
-    }
+    given = (("mpp", mpp), ("tile_size", tile), ("overlap", overlap), ("input_size", input_size))
+    changes = {k: v for k, v in given if v is not None}  # `--overlap 0` is a change too; `--tile 0` is refused
     return replace(config, **changes), network
 
 

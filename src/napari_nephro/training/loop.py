@@ -15,7 +15,9 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,8 +26,8 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_output
-from ..models import ModelConfig
-from ..models.checkpoint import save_checkpoint
+from ..models import ModelConfig, ModelError
+from ..models.checkpoint import count_nonfinite, save_checkpoint
 from ..models.device import pick_device
 from .augment import Augment
 from .data import TileSet
@@ -172,8 +174,6 @@ def train(
     recipe.check()
     out = Path(out)
     state_dir = check_output(out, resume=resume, overwrite=overwrite)
-    if state_dir.exists() and not resume:
-        shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite, or one that finished no epoch
     if list(tiles.classes) != list(model_config.classes):
         raise TrainingError(f"the tiles' classes {tiles.classes} differ from the model's {model_config.classes}")
     if tiles.images.shape[1] != model_config.input_size:
@@ -201,60 +201,94 @@ def train(
     if resume:
         first_epoch, history, best = _load_state(state_dir, network, optimizer, scheduler, sampler_generator, recipe)
     else:
+        if state_dir.exists():
+            shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite, or one that finished no epoch
         state_dir.mkdir()
         (state_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    mean = torch.tensor(model_config.normalization["mean"], device=target).view(1, 3, 1, 1)
-    std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
-    augment = Augment() if recipe.augment else None
-    stopped = False
-    for epoch in range(first_epoch, recipe.epochs + 1):
-        started = time.perf_counter()
-        network.train()
-        if recipe.freeze_encoder:
-            network.encoder.eval()  # frozen batch-norm statistics too
-        weights = torch.as_tensor(train_set.weights, dtype=torch.float64)
-        order = torch.multinomial(
-            weights, len(train_set), replacement=bool((weights != 1).any()), generator=sampler_generator
-        )
-        total_loss, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            if stop is not None and stop():
-                stopped = True
+    with _kept_only_when_resumable(state_dir):
+        mean = torch.tensor(model_config.normalization["mean"], device=target).view(1, 3, 1, 1)
+        std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
+        augment = Augment() if recipe.augment else None
+        stopped = False
+        for epoch in range(first_epoch, recipe.epochs + 1):
+            started = time.perf_counter()
+            network.train()
+            if recipe.freeze_encoder:
+                network.encoder.eval()  # frozen batch-norm statistics too
+            weights = torch.as_tensor(train_set.weights, dtype=torch.float64)
+            order = torch.multinomial(
+                weights, len(train_set), replacement=bool((weights != 1).any()), generator=sampler_generator
+            )
+            total_loss, seen = 0.0, 0
+            for step in range(steps_per_epoch):
+                if stop is not None and stop():
+                    stopped = True
+                    break
+                index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size].numpy()
+                x, y = _batch(train_set, index, augment)
+                x = ((x.to(target)) - mean) / std
+                logits = network(x)
+                loss = loss_fn(logits, y.to(target))
+                if not bool(torch.isfinite(loss)):  # checked before the step, which would spread it to every weight
+                    where = f"epoch {epoch}, step {step + 1}"
+                    raise _diverged(state_dir, recipe, where, f"the training loss is {float(loss.detach())}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total_loss += float(loss.detach()) * len(index)
+                seen += len(index)
+                if on_step is not None:
+                    on_step(Step(epoch, step + 1, steps_per_epoch, float(loss.detach())))
+            if stopped:
                 break
-            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size].numpy()
-            x, y = _batch(train_set, index, augment)
-            x = ((x.to(target)) - mean) / std
-            logits = network(x)
-            loss = loss_fn(logits, y.to(target))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(index)
-            seen += len(index)
-            if on_step is not None:
-                on_step(Step(epoch, step + 1, steps_per_epoch, float(loss.detach())))
-        if stopped:
-            break
-        val_loss, val_dice = _validate(network, val_set, loss_fn, recipe.batch_size, target, mean, std)
-        report = Epoch(
-            epoch,
-            total_loss / max(seen, 1),
-            val_loss,
-            val_dice,
-            scheduler.get_last_lr()[0],
-            time.perf_counter() - started,
-        )
-        history.append(report)
-        if val_dice > best[1]:
-            best = (epoch, val_dice)
-            _save_weights(network, state_dir / "best.safetensors")
-        _save_state(state_dir, network, optimizer, scheduler, sampler_generator, epoch, history, best)
-        if on_epoch is not None:
-            on_epoch(report)
-    if stopped or len(history) < recipe.epochs:
-        return TrainResult(None, best[0], best[1], history)
-    return _finish(out, state_dir, model_config, recipe, history, best, tiles, provenance or {}, overwrite, half)
+            val_loss, val_dice = _validate(network, val_set, loss_fn, recipe.batch_size, target, mean, std)
+            if not math.isfinite(val_loss):
+                raise _diverged(state_dir, recipe, f"epoch {epoch}", f"the validation loss is {val_loss}")
+            bad = count_nonfinite(network.state_dict())
+            if bad:
+                raise _diverged(
+                    state_dir, recipe, f"epoch {epoch}", f"{bad} weight tensors hold NaN or infinite values"
+                )
+            report = Epoch(
+                epoch,
+                total_loss / max(seen, 1),
+                val_loss,
+                val_dice,
+                scheduler.get_last_lr()[0],
+                time.perf_counter() - started,
+            )
+            history.append(report)
+            if val_dice > best[1]:
+                best = (epoch, val_dice)
+                _save_weights(network, state_dir / "best.safetensors")
+            _save_state(state_dir, network, optimizer, scheduler, sampler_generator, epoch, history, best)
+            if on_epoch is not None:
+                on_epoch(report)
+        if stopped or len(history) < recipe.epochs:
+            return TrainResult(None, best[0], best[1], history)
+        return _finish(out, state_dir, model_config, recipe, history, best, tiles, provenance or {}, overwrite, half)
+
+
+@contextmanager
+def _kept_only_when_resumable(state_dir: Path) -> Iterator[None]:
+    """On any error or interruption, remove a state folder that holds no finished epoch: nothing to resume."""
+    try:
+        yield
+    except BaseException:
+        if state_dir.is_dir() and not (state_dir / STATE).exists():
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+
+
+def _diverged(state_dir: Path, recipe: Recipe, where: str, what: str) -> TrainingError:
+    """The one line for a run whose loss or weights stopped being numbers; nothing of it is saved."""
+    kept = ""
+    if (state_dir / STATE).exists():  # the epochs before were checked finite when they were saved
+        kept = f" with --overwrite (the finished epochs before it are kept in {state_dir.name})"
+    return TrainingError(
+        f"training diverged at {where}: {what}; lower --lr (it was {recipe.lr:g}) and train again{kept}"
+    )
 
 
 def _batch(tiles: TileSet, index: np.ndarray, augment: Augment | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +319,9 @@ def _save_weights(network: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    bad = count_nonfinite(state)
+    if bad:  # the loop stops before this; never let non-finite weights become resumable or "best"
+        raise TrainingError(f"{bad} weight tensors hold NaN or infinite values: lower --lr and train again")
     with atomic_output(path) as tmp:
         save_file(state, str(tmp))
 
@@ -306,22 +343,141 @@ def _save_state(state_dir, network, optimizer, scheduler, generator, epoch, hist
 
 
 def _load_state(state_dir, network, optimizer, scheduler, generator, recipe):
-    from safetensors.torch import load_file
-
-    saved = json.loads((state_dir / "recipe.json").read_text())
+    """The run as it was after its last finished epoch; a damaged or foreign state folder is one line."""
+    saved = _read_recipe(state_dir / "recipe.json")
     if saved != asdict(recipe):
-        changed = sorted(k for k in saved if saved[k] != asdict(recipe).get(k))
+        changed = sorted(k for k in set(saved) | set(asdict(recipe)) if saved.get(k) != asdict(recipe).get(k))
         raise TrainingError(
             f"{state_dir}: was started with a different {', '.join(changed)}; resume with the same settings"
         )
-    state = torch.load(state_dir / STATE, weights_only=True)  # our own file, and still nothing but tensors is unpickled
-    network.load_state_dict(load_file(str(state_dir / "last.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["sampler_rng"])
+    path = state_dir / STATE
+    state = _read_state(path, recipe)
+    fresh_scheduler = scheduler.state_dict()
+    try:
+        network.load_state_dict(_read_weights(state_dir / "last.safetensors"))
+    except RuntimeError as exc:  # other tensor names or shapes
+        raise TrainingError(
+            f"{state_dir}: was started with another network ({_damaged_reason(exc)}); resume with the same "
+            "--arch, --encoder, classes and --input, or start again with --overwrite"
+        ) from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer(optimizer)
+        _check_like(state["scheduler"], fresh_scheduler)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["sampler_rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        raise _damaged(path, exc) from None
     history = _read_metrics(state_dir / METRICS)
-    return state["epoch"] + 1, history, tuple(state["best"])
+    if len(history) != state["epoch"] or [e.epoch for e in history] != list(range(1, state["epoch"] + 1)):
+        raise _damaged(state_dir / METRICS, f"{len(history)} epochs listed, {state['epoch']} finished")
+    best = (int(state["best"][0]), float(state["best"][1]))
+    if best[0]:
+        _read_weights(state_dir / "best.safetensors")  # present, readable, finite: the checkpoint is made of it
+    return state["epoch"] + 1, history, best
+
+
+def _damaged_reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0][:160]}" if lines else exc.__class__.__name__
+
+
+def _damaged(path: Path, reason: object) -> TrainingError:
+    if isinstance(reason, BaseException):
+        reason = _damaged_reason(reason)
+    return TrainingError(
+        f"{path}: damaged, or not written by napari-nephro ({reason}); start the run again with --overwrite"
+    )
+
+
+def _read_recipe(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _damaged(path, "missing") from None
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise _damaged(path, exc) from None
+    if not isinstance(saved, dict):
+        raise _damaged(path, "not a JSON object")
+    return saved
+
+
+def _read_state(path: Path, recipe: Recipe) -> dict:
+    """`state.pt` through torch's weights-only unpickler (tensors, numbers, lists, dicts: never code)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle of anything else, truncated or garbage bytes: torch raises many kinds
+        raise _damaged(path, exc) from None
+    expected = {
+        "epoch": int,
+        "optimizer": dict,
+        "scheduler": dict,
+        "torch_rng": torch.Tensor,
+        "sampler_rng": torch.Tensor,
+        "best": (list, tuple),
+    }
+    if not isinstance(state, dict):
+        raise _damaged(path, f"holds a {type(state).__name__}, not a training state")
+    for key, kind in expected.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise _damaged(path, f"no valid {key!r}")
+    if not 1 <= state["epoch"] <= recipe.epochs:
+        raise _damaged(path, f"epoch {state['epoch']} of a {recipe.epochs}-epoch run")
+    best = state["best"]
+    if (
+        len(best) != 2
+        or not isinstance(best[0], int)
+        or not isinstance(best[1], (int, float))
+        or not 0 <= best[0] <= state["epoch"]
+    ):
+        raise _damaged(path, "no valid best epoch")
+    for key in ("torch_rng", "sampler_rng"):
+        if state[key].dtype != torch.uint8:
+            raise _damaged(path, f"{key} is not a random generator's state")
+    return state
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state folder's weights: a readable safetensors file with finite values only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise _damaged(path, "missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(path, exc) from None
+    bad = count_nonfinite(state)
+    if bad:
+        raise _damaged(path, f"{bad} tensors hold NaN or infinite values")
+    return state
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Loaded moments must fit their parameters, or the first step fails deep inside torch."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                    raise ValueError(f"optimizer {name} does not fit a parameter of shape {tuple(param.shape)}")
+
+
+def _check_like(found: dict, expected: dict) -> None:
+    """Same keys and kinds of values as a fresh object's state (a scheduler takes any dict, then fails later)."""
+    if set(found) != set(expected):
+        raise ValueError(f"scheduler keys {sorted(found)}")
+    for key, value in expected.items():
+        other = found[key]
+        if type(other) is not type(value) and not (isinstance(value, float) and type(other) is int):
+            raise ValueError(f"scheduler {key} is a {type(other).__name__}")
+        if isinstance(value, list) and (
+            len(other) != len(value) or any(type(o) is not type(v) for o, v in zip(other, value, strict=True))
+        ):
+            raise ValueError(f"scheduler {key} does not fit the optimizer")
 
 
 def _write_metrics(path: Path, history: list[Epoch]) -> None:
@@ -335,17 +491,20 @@ def _write_metrics(path: Path, history: list[Epoch]) -> None:
 
 
 def _read_metrics(path: Path) -> list[Epoch]:
-    with open(path, newline="") as f:
-        return [Epoch(int(r["epoch"]), *(float(r[k]) for k in FIELDS[1:])) for r in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            return [Epoch(int(r["epoch"]), *(float(r[k]) for k in FIELDS[1:])) for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise _damaged(path, "missing") from None
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise _damaged(path, exc) from None
 
 
 def _finish(out, state_dir, model_config, recipe, history, best, tiles, provenance, overwrite, half) -> TrainResult:
-    from safetensors.torch import load_file
-
     from ..models.networks import build_network
 
     network = build_network(model_config)
-    network.load_state_dict(load_file(str(state_dir / "best.safetensors")))
+    network.load_state_dict(_read_weights(state_dir / "best.safetensors"))
     config = ModelConfig(**{**asdict(model_config), "provenance": {}})
     config.provenance = {
         **model_config.provenance,
@@ -358,7 +517,10 @@ def _finish(out, state_dir, model_config, recipe, history, best, tiles, provenan
         "val_dice": round(best[1], 4),
         "history": [asdict(e) for e in history],
     }
-    save_checkpoint(network, config, out, overwrite=overwrite, half=half)
+    try:
+        save_checkpoint(network, config, out, overwrite=overwrite, half=half)
+    except ModelError as exc:  # e.g. weights that overflow float16: every epoch is still in the state folder
+        raise TrainingError(f"{exc}; finish with --resume{' without --half' if half else ''}") from None
     shutil.copy(state_dir / METRICS, out / METRICS)
     shutil.rmtree(state_dir)
     return TrainResult(out, best[0], best[1], history)
