@@ -6,6 +6,8 @@ the segmentation engine) agrees on where a tile is, whatever level it was read f
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,12 @@ from PIL import Image
 from .io import Slide
 
 BACKGROUND = 255  # outside the slide is glass: white, as the backends lay transparency over white
+# `read_scaled` reads a box's pixels at its level in one piece up to READ_BLOCK_PIXELS (192 MiB of RGB),
+# with at most READ_MARGIN_PIXELS of white around the slide's part, and larger parts block by block,
+# REDUCE_BLOCK_PIXELS at a time: the tissue thumbnail of a one-level 30 Gpx slide reads it all.
+READ_BLOCK_PIXELS = 2**26
+READ_MARGIN_PIXELS = 2**20
+REDUCE_BLOCK_PIXELS = 2**22
 
 
 @dataclass(frozen=True)
@@ -67,26 +75,147 @@ def read_scaled(slide: Slide, box: tuple[float, float, float, float], size: tupl
 
     Parts of the box outside the slide are white. Only the remaining factor between
     the level and the target is resampled (area-averaging, as a scanner's pyramid does).
+
+    Memory stays bounded whatever the box: only the output pixels that touch the slide are
+    computed (the rest is white without being read). Their pixels at the level are the part of
+    the box on the slide plus a white margin of about one output pixel's footprint; they are
+    read in one piece (`_resample_direct`, Pillow) when that is at most READ_BLOCK_PIXELS with at
+    most READ_MARGIN_PIXELS of margin, and otherwise summed block by block from the slide's
+    part alone (`_reduce_blockwise`), so neither a huge level nor a box mostly off a small
+    slide is ever held whole.
     """
-    height, width = size
-    x, y, w, h = box
-    scale = w / width
-    level = best_level(slide, scale)
+    height, width = (int(v) for v in size)
+    x, y, w, h = (float(v) for v in box)
+    if height < 1 or width < 1 or not (w > 0 and h > 0):
+        raise ValueError(f"read_scaled needs a box and a size of at least one pixel, got box={box} size={size}")
+    level = best_level(slide, w / width)
     ds = slide.level_downsamples[level]
     lh, lw = slide.level_shapes[level]
-    lx0, ly0 = int(np.floor(x / ds)), int(np.floor(y / ds))
-    lx1, ly1 = int(np.ceil((x + w) / ds)), int(np.ceil((y + h) / ds))
-    out = np.full((ly1 - ly0, lx1 - lx0, 3), BACKGROUND, np.uint8)
-    cx0, cy0, cx1, cy1 = max(lx0, 0), max(ly0, 0), min(lx1, lw), min(ly1, lh)
-    if cx1 > cx0 and cy1 > cy0:
-        out[cy0 - ly0 : cy1 - ly0, cx0 - lx0 : cx1 - lx0] = slide.region(level, (cx0, cy0, cx1 - cx0, cy1 - cy0))
-    if out.shape[:2] == (height, width):
-        return out
+    out = np.full((height, width, 3), BACKGROUND, np.uint8)
+    # the box in the level's pixels, and the size of one output pixel there
+    rows = _Axis(y / ds, h / ds / height, height, lh)
+    cols = _Axis(x / ds, w / ds / width, width, lw)
+    if not (rows.touched and cols.touched):
+        return out  # the box lies wholly off the slide
+    (i0, i1), (j0, j1) = rows.touched, cols.touched
+    (b0, b1), (c0, c1) = rows.buffer, cols.buffer
+    buffer_pixels = (b1 - b0) * (c1 - c0)
+    on_slide = rows.on_slide * cols.on_slide
+    direct = rows.step < 1 or cols.step < 1  # enlarging: the buffer is smaller than the output
+    if direct or (buffer_pixels <= READ_BLOCK_PIXELS and buffer_pixels - on_slide <= READ_MARGIN_PIXELS):
+        out[i0:i1, j0:j1] = _resample_direct(slide, level, rows, cols)
+    else:
+        out[i0:i1, j0:j1] = _reduce_blockwise(slide, level, rows, cols)
+    return out
+
+
+class _Axis:
+    """One axis of a `read_scaled` box at its level: output pixel i covers level positions
+    (start + i * step, start + (i + 1) * step], and takes the pixels whose centres lie there
+    (Pillow's BOX filter), within the box's whole pixels [floor(start), ceil(start + n * step))."""
+
+    def __init__(self, start: float, step: float, n: int, length: int) -> None:
+        self.start, self.step, self.n, self.length = start, step, n, length
+        end = start + n * step
+        self.whole = (math.floor(start), math.ceil(end))  # the box's pixels at the level, on the slide or not
+        support = max(step, 1.0) / 2  # Pillow's half-width of an output pixel's footprint
+        # output pixels whose footprint may hold a pixel of the slide (one more each side, to be sure):
+        # pixel p is taken by output pixel i when its centre p + 0.5 is within `support` of i's centre
+        lo = max(0, math.floor((0.5 - support - start) / step - 0.5) - 1)
+        hi = min(n, math.ceil((length - 0.5 + support - start) / step - 0.5) + 1)
+        self.touched = (lo, hi) if lo < hi and start < length and end > 0 else None
+        if self.touched is None:
+            return
+        first = start + (lo + 0.5) * step - support
+        last = start + (hi - 0.5) * step + support
+        self.buffer = (max(self.whole[0], math.floor(first)), min(self.whole[1], math.ceil(last)))
+        self.on_slide = max(0, min(self.buffer[1], length) - max(self.buffer[0], 0))
+
+    def relative_box(self) -> tuple[float, float]:
+        """The touched output pixels' span in the buffer's coordinates, for Pillow."""
+        lo, hi = self.touched
+        size = self.buffer[1] - self.buffer[0]
+        a = min(max(self.start + lo * self.step - self.buffer[0], 0.0), size)
+        b = min(max(self.start + hi * self.step - self.buffer[0], a), size)
+        return a, b
+
+    def bounds(self) -> np.ndarray:
+        """First pixel of each touched output pixel's footprint, and the end of the last (n + 1 values)."""
+        lo, hi = self.touched
+        edges = self.start + self.step * np.arange(lo, hi + 1, dtype=np.float64)
+        first = np.floor(edges - 0.5).astype(np.int64) + 1  # pixel p is taken when edge < p + 0.5 <= next edge
+        return np.clip(first, *self.whole)
+
+
+def _resample_direct(slide: Slide, level: int, rows: _Axis, cols: _Axis) -> np.ndarray:
+    """The touched output pixels through Pillow, from one buffer: the slide's pixels and a white margin."""
+    (b0, b1), (c0, c1) = rows.buffer, cols.buffer
+    lh, lw = rows.length, cols.length
+    buffer = np.full((b1 - b0, c1 - c0, 3), BACKGROUND, np.uint8)
+    sy0, sy1, sx0, sx1 = max(b0, 0), min(b1, lh), max(c0, 0), min(c1, lw)
+    if sy1 > sy0 and sx1 > sx0:
+        buffer[sy0 - b0 : sy1 - b0, sx0 - c0 : sx1 - c0] = slide.region(level, (sx0, sy0, sx1 - sx0, sy1 - sy0))
+    (i0, i1), (j0, j1) = rows.touched, cols.touched
+    (ya, yb), (xa, xb) = rows.relative_box(), cols.relative_box()
+    if (i1 - i0, j1 - j0) == buffer.shape[:2] and (xa, ya, xb, yb) == (0, 0, buffer.shape[1], buffer.shape[0]):
+        return buffer  # the box is the level's own pixels: nothing to resample
     # crop the fractional box exactly while resampling
-    fx, fy = x / ds - lx0, y / ds - ly0
-    resample_box = (fx, fy, fx + w / ds, fy + h / ds)
-    resized = Image.fromarray(out).resize((width, height), Image.Resampling.BOX, box=resample_box)
+    resized = Image.fromarray(buffer).resize((j1 - j0, i1 - i0), Image.Resampling.BOX, box=(xa, ya, xb, yb))
     return np.asarray(resized)
+
+
+def _reduce_blockwise(slide: Slide, level: int, rows: _Axis, cols: _Axis) -> np.ndarray:
+    """The touched output pixels as means of their footprints, summed block by block.
+
+    The same pixels as Pillow's BOX filter take (white off the slide), rounded once rather
+    than after each of Pillow's two passes, so a value may differ from `_resample_direct`'s
+    by one. Only one block of at most REDUCE_BLOCK_PIXELS (or one of the file's tiles, if
+    larger) is held at a time, plus the output's sums.
+    """
+    ry, rx = rows.bounds(), cols.bounds()
+    oy, ox = np.clip(ry, 0, rows.length), np.clip(rx, 0, cols.length)  # the footprints' parts on the slide
+    sums = np.zeros((len(ry) - 1, len(rx) - 1, 3), np.float64)
+    th, tw = slide.tile_shapes[level]
+    top, bottom, left, right = int(oy[0]), int(oy[-1]), int(ox[0]), int(ox[-1])
+    if bottom > top and right > left:
+        if th * (right - left) <= REDUCE_BLOCK_PIXELS:  # bands of whole rows of tiles
+            bw, bh = right - left, max(th, REDUCE_BLOCK_PIXELS // (right - left) // th * th)
+        else:  # blocks of tiles
+            bh, bw = th, max(tw, REDUCE_BLOCK_PIXELS // th // tw * tw)
+        for r0, r1 in _aligned(top, bottom, bh):
+            ys = np.clip(oy, r0, r1) - r0
+            ia, ib = _groups(ys)
+            for q0, q1 in _aligned(left, right, bw):
+                xs = np.clip(ox, q0, q1) - q0
+                ja, jb = _groups(xs)
+                block = slide.region(level, (q0, r0, q1 - q0, r1 - r0))
+                # one sum per footprint row (a loop of sums is ~50x faster than reduceat along axis 0)
+                part = np.stack(
+                    [block[a:b].sum(axis=0, dtype=np.uint32) for a, b in itertools.pairwise(ys[ia : ib + 1])]
+                )
+                sums[ia:ib, ja:jb] += np.add.reduceat(part, xs[ja:jb], axis=1, dtype=np.uint64)
+                del block, part
+    out = np.empty(sums.shape, np.uint8)
+    for a in range(0, len(sums), 256):  # means a band of output rows at a time: few temporaries
+        total = np.outer(np.diff(ry[a : a + 257]), np.diff(rx)).astype(np.float64)  # white pixels included
+        white = total - np.outer(np.diff(oy[a : a + 257]), np.diff(ox))
+        band = sums[a : a + 256]
+        band += BACKGROUND * white[..., None]
+        band /= np.maximum(total, 1)[..., None]
+        out[a : a + 256] = np.floor(band + 0.5)
+    return out
+
+
+def _aligned(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) cut at the multiples of `step`, so that blocks keep to the file's tiles."""
+    cuts = [start, *range((start // step + 1) * step, stop, step), stop]
+    return list(itertools.pairwise(cuts))
+
+
+def _groups(starts: np.ndarray) -> tuple[int, int]:
+    """The output pixels [a, b) whose footprints (from `starts`, clipped to one block) are not empty."""
+    nonempty = np.flatnonzero(np.diff(starts) > 0)
+    return int(nonempty[0]), int(nonempty[-1]) + 1
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:

@@ -48,8 +48,11 @@ WHITE = (255, 255, 255)
 
 
 def megapixels(pixels: float) -> str:
-    """A pixel count in words: "134 Mpx", "68.7 Gpx"."""
-    return f"{pixels / 1e9:.3g} Gpx" if pixels >= 1e9 else f"{pixels / 1e6:.3g} Mpx"
+    """A pixel count in words: "134 Mpx", "68.7 Gpx", "1 Tpx"."""
+    for unit, size in (("Tpx", 1e12), ("Gpx", 1e9)):
+        if pixels >= size:
+            return f"{pixels / size:.3g} {unit}"
+    return f"{pixels / 1e6:.3g} Mpx"
 
 
 def check_geometry(
@@ -70,7 +73,7 @@ def check_geometry(
             raise SlideError(
                 path,
                 f"level {i} declares {units[i] if units else 'tiles'} of {tw} x {th} pixels ({megapixels(th * tw)}); "
-                f"the limit is {megapixels(MAX_TILE_PIXELS)} (2^27 pixels) per tile",
+                f"the limit is {megapixels(MAX_TILE_PIXELS)} (2^27 pixels) for one tile or strip",
             )
 
 

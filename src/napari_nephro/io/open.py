@@ -51,19 +51,34 @@ def open_slide(
 
 def _resolve(path: Path) -> Path:
     """The file to open: the path itself, or the slide inside a DICOM or MIRAX folder."""
-    try:
-        os.stat(path)  # Path.exists() says False for a symbolic link loop, and for a file it may not read
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SlideError(path, "is a symbolic link loop (a link that points, in the end, back to itself)") from None
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise SlideError(path, "no such file or directory") from None
-        raise
+    problem = path_problem(path)
+    if problem:
+        raise SlideError(path, problem)
     if path.is_dir():
         return _slide_in_directory(path)
     if path.stat().st_size == 0:
         raise SlideError(path, "the file is empty (0 bytes)")
     return path
+
+
+def path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be opened at all, in words (None when it exists).
+
+    `Path.exists()` is False for a symbolic link loop as for a missing file, so a loop
+    would read as "no such file"; `os.stat` tells them apart (ELOOP). Other failures
+    (no permission on a folder above it, a dead network share) are the system's words.
+    """
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (a link that points, in the end, back to itself)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "no such file or directory"
+        return exc.strerror or str(exc)
+    except ValueError as exc:  # a NUL byte in the name
+        return f"is not a valid path ({exc})"
+    return None
 
 
 def _slide_in_directory(folder: Path) -> Path:

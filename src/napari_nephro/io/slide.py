@@ -259,9 +259,13 @@ def _valid_mpp(path: Path, mpp: float) -> float:
     try:
         value = float(mpp)
     except (TypeError, ValueError):
-        raise SlideError(path, f"pixel size {mpp!r} is not a number (give it in um/px, from {lo:g} to {hi:g})") from None
+        raise SlideError(
+            path, f"pixel size {mpp!r} is not a number (give it in um/px, from {lo:g} to {hi:g})"
+        ) from None
     if not (math.isfinite(value) and value > 0):
-        raise SlideError(path, f"pixel size {mpp!r} um/px is not a positive size (give one from {lo:g} to {hi:g} um/px)")
+        raise SlideError(
+            path, f"pixel size {mpp!r} um/px is not a positive size (give one from {lo:g} to {hi:g} um/px)"
+        )
     if not lo <= value <= hi:
         raise SlideError(
             path, f"pixel size {value:g} um/px is implausible for a microscope: give one from {lo:g} to {hi:g} um/px"

@@ -114,7 +114,8 @@ class TiffBackend:
                 needed = (min(top + rps, lvl.shape[0]) - top) * row_bytes
                 if count < needed:
                     raise SlideError(
-                        self.path, f"cannot read level {level} strip {index}: it holds {count} bytes, its rows need {needed}"
+                        self.path,
+                        f"cannot read level {level} strip {index}: it holds {count} bytes, its rows need {needed}",
                     )
                 with fh.lock:
                     fh.seek(lvl.page.dataoffsets[index] + (a - top) * row_bytes)
