@@ -55,7 +55,9 @@ def save_checkpoint(
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         bad = count_nonfinite(state)
         if bad:
-            raise ModelError(f"{folder}: {bad} weight tensors overflow float16: save without half precision")
+            raise ModelError(
+                f"{folder}: {bad} of {len(state)} weight tensors overflow float16: save without half precision"
+            )
     with atomic_output(folder) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / WEIGHTS), metadata={"arch": config.arch})

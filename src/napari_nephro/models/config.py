@@ -19,8 +19,9 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CONFIG_VERSION = 1
 # sizes beyond these are mistakes, and would ask for tens of GiB at segment time
 MAX_INPUT = 4096  # network input side
-MIN_TILE, MAX_TILE = 16, 16384  # tile side at the model's mpp
+MIN_TILE, MAX_TILE = 16, 8192  # tile side at the model's mpp (the engine refuses larger tiles too)
 MPP_RANGE = (0.05, 50.0)  # micrometres per pixel: from beyond 80x objectives to coarse overviews
+MAX_DEPTH = 64  # nesting of a config.json's lists and objects (provenance holds a few levels)
 
 
 @dataclass
@@ -81,11 +82,13 @@ class ModelConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ModelError(f"{name} must be a JSON object, not {_short(getattr(self, name))}")
         _check_normalization(self.normalization)
-        if not 1 <= self.version <= CONFIG_VERSION:
+        if self.version > CONFIG_VERSION:
             raise ModelError(
-                f"config version {self.version} is not one this napari-nephro reads (1 to {CONFIG_VERSION}): "
+                f"config version {self.version} is newer than this napari-nephro reads ({CONFIG_VERSION}): "
                 "update napari-nephro"
             )
+        if self.version < 1:
+            raise ModelError(f"config version must be 1 or more, not {self.version}")
 
     @property
     def out_channels(self) -> int:
@@ -104,9 +107,13 @@ class ModelConfig:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{path}: not valid JSON ({exc})") from None
         except RecursionError:
-            raise ModelError(f"{path}: not a checkpoint config (JSON nested too deeply)") from None
+            raise ModelError(
+                f"{path}: not a checkpoint config (JSON nested more than {MAX_DEPTH} levels deep)"
+            ) from None
         if not isinstance(data, dict):
             raise ModelError(f"{path}: expected a JSON object")
+        if _too_deep(data, MAX_DEPTH):  # copying or writing it again would overflow Python's stack
+            raise ModelError(f"{path}: not a checkpoint config (JSON nested more than {MAX_DEPTH} levels deep)")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -119,6 +126,20 @@ class ModelConfig:
             raise ModelError(f"{path}: {exc}") from None
         except ModelError as exc:
             raise ModelError(f"{path}: {exc}") from None
+
+
+def _too_deep(data: object, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels (counted without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _short(value: object) -> str:

@@ -90,8 +90,9 @@ def load_seggpt(source: str | os.PathLike[str] | None = None):
             raise ModelError(f"{path}: cannot load SegGPT from it ({_first_line(exc)})") from None
         raise _missing(source, _first_line(exc)) from None
     except Exception as exc:  # damaged files: safetensors, JSON nested too deep, fields of the wrong type
+        what = f"{path / WEIGHTS}: damaged" if type(exc).__name__ == "SafetensorError" and local else None
         raise ModelError(
-            f"{source}: damaged SegGPT weights or config ({exc.__class__.__name__}: {_first_line(exc)}); "
+            f"{what or f'{source}: damaged SegGPT weights or config'} ({type(exc).__name__}: {_first_line(exc)}); "
             f"download {HF_ID} again"
         ) from None
     if local and not (path / PROCESSOR_CONFIG).is_file():

@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import math
+import pickle
+import re
 import shutil
 import time
 import warnings
@@ -55,7 +57,7 @@ class Recipe:
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise TrainingError("epochs and batch size must be at least 1")
-        if not self.lr > 0 or self.weight_decay < 0:
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
             raise TrainingError("the learning rate must be positive and the weight decay not negative")
         if not 0 < self.val_fraction < 1:
             raise TrainingError(f"the validation fraction must be between 0 and 1, not {self.val_fraction}")
@@ -250,6 +252,9 @@ def train(
                 raise _diverged(
                     state_dir, recipe, f"epoch {epoch}", f"{bad} weight tensors hold NaN or infinite values"
                 )
+            bad = _nonfinite_moments(optimizer)
+            if bad:
+                raise _diverged(state_dir, recipe, f"epoch {epoch}", f"{bad} optimizer moments are not finite")
             report = Epoch(
                 epoch,
                 total_loss / max(seen, 1),
@@ -353,6 +358,7 @@ def _load_state(state_dir, network, optimizer, scheduler, generator, recipe):
     path = state_dir / STATE
     state = _read_state(path, recipe)
     fresh_scheduler = scheduler.state_dict()
+    fresh_groups = optimizer.state_dict()["param_groups"]
     try:
         network.load_state_dict(_read_weights(state_dir / "last.safetensors"))
     except RuntimeError as exc:  # other tensor names or shapes
@@ -361,13 +367,15 @@ def _load_state(state_dir, network, optimizer, scheduler, generator, recipe):
             "--arch, --encoder, classes and --input, or start again with --overwrite"
         ) from None
     try:
+        for group, fresh in zip(state["optimizer"]["param_groups"], fresh_groups, strict=True):
+            _check_like({k: v for k, v in group.items() if k != "params"}, fresh, "optimizer")
         optimizer.load_state_dict(state["optimizer"])
         _check_optimizer(optimizer)
-        _check_like(state["scheduler"], fresh_scheduler)
+        _check_like(state["scheduler"], fresh_scheduler, "scheduler")
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["sampler_rng"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise _damaged(path, exc) from None
     history = _read_metrics(state_dir / METRICS)
     if len(history) != state["epoch"] or [e.epoch for e in history] != list(range(1, state["epoch"] + 1)):
@@ -379,8 +387,12 @@ def _load_state(state_dir, network, optimizer, scheduler, generator, recipe):
 
 
 def _damaged_reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {lines[0][:160]}" if lines else exc.__class__.__name__
+    """The kind of error and its first sentence: torch's own messages run to paragraphs."""
+    if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+        return "it holds objects other than tensors and numbers, and was not unpickled"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0].split(". ")[0][:160] if text else ""
+    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
 
 
 def _damaged(path: Path, reason: object) -> TrainingError:
@@ -453,31 +465,56 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise _damaged(path, exc) from None
     bad = count_nonfinite(state)
     if bad:
-        raise _damaged(path, f"{bad} tensors hold NaN or infinite values")
+        raise _damaged(path, f"{bad} of {len(state)} tensors hold NaN or infinite values")
     return state
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Loaded moments must fit their parameters, or the first step fails deep inside torch."""
+    """Loaded moments must fit their parameters and be finite, or the first step fails or spreads NaN."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
-                if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                if name == "step":
+                    if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool):
+                        raise ValueError("optimizer step is not a number")
+                elif not isinstance(value, torch.Tensor) or value.shape != param.shape:
                     raise ValueError(f"optimizer {name} does not fit a parameter of shape {tuple(param.shape)}")
+    if _nonfinite_moments(optimizer):
+        raise ValueError("optimizer moments hold NaN or infinite values")
 
 
-def _check_like(found: dict, expected: dict) -> None:
-    """Same keys and kinds of values as a fresh object's state (a scheduler takes any dict, then fails later)."""
-    if set(found) != set(expected):
-        raise ValueError(f"scheduler keys {sorted(found)}")
-    for key, value in expected.items():
-        other = found[key]
-        if type(other) is not type(value) and not (isinstance(value, float) and type(other) is int):
-            raise ValueError(f"scheduler {key} is a {type(other).__name__}")
-        if isinstance(value, list) and (
-            len(other) != len(value) or any(type(o) is not type(v) for o, v in zip(other, value, strict=True))
-        ):
-            raise ValueError(f"scheduler {key} does not fit the optimizer")
+def _nonfinite_moments(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        1
+        for moments in optimizer.state.values()
+        for value in moments.values()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    )
+
+
+def _check_like(found: dict, expected: dict, what: str) -> None:
+    """The keys and kinds of values of a fresh object's state: `load_state_dict` of a scheduler takes any
+    dict (a key "step" would replace the method), and a wrong type fails only later, deep inside torch."""
+    unknown = sorted(str(k) for k in set(found) - set(expected))
+    if unknown:
+        raise ValueError(f"{what} keys {', '.join(unknown)[:80]}")
+    for key, other in found.items():
+        if not _same_kind(other, expected[key]):
+            raise ValueError(f"{what} {key} is a {type(other).__name__}")
+
+
+def _same_kind(found: object, expected: object) -> bool:
+    if isinstance(expected, (list, tuple)):
+        return (
+            type(found) is type(expected)
+            and len(found) == len(expected)
+            and all(_same_kind(f, e) for f, e in zip(found, expected, strict=True))
+        )
+    if type(found) is type(expected):
+        return True
+    if type(expected) is float:
+        return type(found) is int
+    return {type(found), type(expected)} <= {type(None), bool}  # e.g. foreach: None or a choice
 
 
 def _write_metrics(path: Path, history: list[Epoch]) -> None:
