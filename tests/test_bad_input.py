@@ -103,7 +103,7 @@ def test_unknown_backend_and_bad_mpp_are_user_errors(tmp_path, capsys):
     with pytest.raises(SlideError, match="unknown backend"):
         open_slide(path, backend="bioformats")
     assert main(["info", str(path), "--mpp", "-3"]) == 2
-    assert "not a positive size" in capsys.readouterr().err
+    assert "argument --mpp: must be positive, not -3" in capsys.readouterr().err
 
 
 def test_demo_without_a_display_says_how_to_run_headless(monkeypatch, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import require_shared
@@ -58,14 +57,13 @@ def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
         assert max(image.size) <= 1600 and image.mode == "RGB"
     # a second run refuses to replace the first one's results unless told to, and then touches nothing else
     (out / "notes.txt").write_text("mine")
-    before = geojson.read_bytes()
     geojson.write_bytes(b"{}")  # the user's edit of the first results must survive a refused run
     assert main(["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and err.count("\n") == 1 and geojson.read_bytes() == b"{}"
     args = ["demo", "--headless", "--slide", str(slide), "--out", str(out), "--device", "cpu", "--overwrite"]
     assert main(args) == 0
-    assert (out / "notes.txt").read_text() == "mine" and geojson.read_bytes() == before
+    assert (out / "notes.txt").read_text() == "mine" and len(read_annotations(geojson)) == len(objects)
 
 
 def test_a_refused_demo_model_leaves_no_folder(tmp_path, capsys):
@@ -85,5 +83,5 @@ def test_segment_takes_the_default_model_by_name(tmp_path):
 def test_demo_refuses_a_slide_given_twice(capsys):
     assert main(["demo", "--headless", "a.svs", "--slide", "b.svs"]) == 2
     assert "give the slide once" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["demo", "--no-such-option"])
+    assert main(["demo", "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

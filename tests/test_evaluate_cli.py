@@ -76,7 +76,7 @@ def test_table_output_reports_undefined_as_a_dash(tmp_path, capsys):
         ("shapes", "must cover the same image"),
         ("missing", "no such file"),
         ("no common", "no file stem in common"),
-        ("bad iou", "--iou must be"),
+        ("bad iou", "argument --iou: must be in (0, 1], not 1.5"),
         ("polygons only", "need an image size"),
     ],
 )

@@ -34,7 +34,10 @@ class UserError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        args = parser.parse_args(_join_dash_values(sys.argv[1:] if argv is None else list(argv)))
+    except SystemExit as exc:  # --help, --version, or an option error already printed in one line
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return args.func(args)
     except (
@@ -91,10 +94,11 @@ def _number(low: float | None = None, high: float | None = None, *, above: bool 
         value = _finite(text)
         too_low = low is not None and (value <= low if above else value < low)
         if too_low or (high is not None and value > high):
-            lo = "-inf" if low is None else f"{low:g}"
-            hi = "inf" if high is None else f"{high:g}"
+            if high is None:
+                bound = "positive" if above and low == 0 else f"{'above' if above else 'at least'} {low:g}"
+                raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
             bracket = "(" if above else "["
-            raise argparse.ArgumentTypeError(f"{text!r} is not in {bracket}{lo}, {hi}]")
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], not {text}")
         return value
 
     parse.__name__ = "number"  # argparse names the type in its message
@@ -550,8 +554,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipelines import evaluate
 
-    if not 0 < args.iou <= 1:
-        raise UserError(f"--iou must be in (0, 1], not {args.iou}")
     shape = args.shape
     if shape is None and args.slide:
         with open_slide(args.slide) as slide:

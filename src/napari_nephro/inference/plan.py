@@ -15,11 +15,11 @@ import numpy as np
 from scipy import ndimage
 
 from ..io import Slide
+from ..models.config import MAX_TILE  # models take 256 to 1024 px; larger tiles only multiply memory
 from ..tiling import read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError
 
 THUMBNAIL_SIDE = 2048  # the tissue map is read at most this large, from a coarse level
-MAX_TILE = 8192  # working pixels a tile side: models take 256 to 1024; larger only multiplies memory
 
 
 @dataclass(frozen=True)
