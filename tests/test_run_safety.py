@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,3 +221,113 @@ def test_temporary_files_of_killed_writers_are_cleaned_and_a_moved_aside_folder_
         assert (tmp_path / "results" / "mine.txt").read_text() == "mine"  # restored before the write
         tmp.mkdir()
     assert not old.exists()
+
+
+BUPT = ("glomeruli", "bupt_multistain_dev")
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--to", "tiles", "--tile", "100000"], "between 16 and 8192 px, not 100000"),
+        (["--to", "tiles", "--mpp", "1e-9"], "between 0.05 and 50 um/px, not 1e-09"),
+    ],
+)
+def test_export_refuses_absurd_tiles_and_scales_before_cutting(tmp_path, capsys, argv, reason):
+    data = require_shared(*BUPT)
+    out = tmp_path / "tiles"
+    args = ["export", str(data / "annotations.json"), "--slide", str(data / "images"), "--out", str(out)]
+    assert main([*args, *argv]) == 2
+    assert reason in _one_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [(["--size", "100000"], "between 16 and 8192 px"), (["--mpp", "1e-9"], "between 0.05 and 50 um/px")],
+)
+def test_prompt_sets_refuse_absurd_crops_and_scales(tmp_path, capsys, argv, reason):
+    data = require_shared(*BUPT)
+    folder = tmp_path / "prompts"
+    args = ["prompts", "add", str(folder), str(data / "annotations.json"), "--images", str(data / "images")]
+    assert main([*args, "--image-mpp", "0.5", "--map", "gn=normal", "gs=normal", "gl=ignore", "gm=ignore", *argv]) == 2
+    assert reason in _one_line(capsys.readouterr().err)
+    assert not folder.exists()
+
+
+def test_a_prompt_set_file_with_a_nan_scale_is_refused(tmp_path):
+    from napari_nephro.prompts import PromptError, PromptSet
+
+    folder = tmp_path / "set"
+    PromptSet(["normal"]).save(folder)
+    index = json.loads((folder / "prompts.json").read_text())
+    (folder / "prompts.json").write_text(json.dumps({**index, "mpp": float("nan")}))
+    with pytest.raises(PromptError, match="finite number"):
+        PromptSet.load(folder)
+
+
+def test_the_library_refuses_non_finite_regions_and_absurd_model_scales(cmu):
+    from napari_nephro.inference import make_plan
+
+    slide = open_slide(cmu)
+    for region in [(float("nan"), 0, 10, 10), (0, 0, float("inf"), 10)]:
+        with pytest.raises(SegmentError, match="finite"):
+            make_plan(slide, model_mpp=1.0, tile=256, overlap=0, region=region)
+    with pytest.raises(SegmentError, match=r"between 0\.05 and 50 um/px"):
+        make_plan(slide, model_mpp=1e-9, tile=256, overlap=0)
+    with pytest.raises(SegmentError, match="tiles of 16 px"):  # billions of tiles: refused before they are listed
+        make_plan(slide, model_mpp=0.05, tile=16, overlap=15, skip_background=False)
+
+
+def test_resume_after_a_kill_while_the_finished_store_was_being_removed(checkpoint, cmu, tmp_path, capsys, monkeypatch):
+    import napari_nephro.inference.output as output
+
+    out = tmp_path / "cmu.geojson"
+    args = ["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "0,0,600,600"]
+    class KilledWhileRemoving:  # output.py's shutil, whose rmtree of the finished store is interrupted
+        def __getattr__(self, name):
+            return getattr(shutil, name)
+
+        def rmtree(self, path, *args, **kwargs):
+            monkeypatch.setattr(output, "shutil", shutil)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "shutil", KilledWhileRemoving())
+    assert main(args) == 130
+    assert out.exists() and partial_path(out).exists()  # the output is written, its store not yet removed
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert out.exists() and not partial_path(out).exists()
+
+
+def test_a_filesystem_without_locks_still_runs_with_a_warning(cmu, tmp_path, monkeypatch):
+    import errno
+
+    import napari_nephro._lock as lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    out = tmp_path / "x.zarr"
+    with pytest.warns(RuntimeWarning, match="cannot lock it"), lock.exclusive(out):
+        pass
+    assert lock.holder(out) is None
+
+
+def test_temporary_files_of_other_hosts_and_odd_names_are_left_alone(tmp_path):
+    other = tmp_path / ".tiles.otherhost-1.tmp"  # pid 1 of another machine sharing the folder
+    other.mkdir()
+    odd = tmp_path / ".tiles.99999999999999999999999.tmp"  # no process has such a pid
+    odd.mkdir()
+    with atomic_output(tmp_path / "tiles") as tmp:
+        tmp.mkdir()
+    assert other.exists() and odd.exists() and (tmp_path / "tiles").is_dir()
+
+
+def test_threshold_bounds_are_the_librarys_and_abbreviated_region_takes_negatives(capsys):
+    assert main(["segment", "S", "--model", "m", "--out", "o.zarr", "--threshold", "1"]) == 2
+    assert "must be in (0, 1), not 1" in _one_line(capsys.readouterr().err)
+    assert main(["segment", "S", "--model", "m", "--out", "o.zarr", "--reg", "-5,-5,10,10"]) == 2
+    assert "no such file" in _one_line(capsys.readouterr().err)  # parsed: the slide S is what is missing

@@ -8,7 +8,9 @@ renamed into place only when complete; an error or Ctrl-C leaves nothing behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     clean_stale(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_tag()}.tmp")
     _remove(tmp)
     try:
         yield tmp
@@ -32,10 +34,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def clean_stale(path: Path) -> list[Path]:
-    """Remove what writers of `path` killed mid-write left beside it (`.NAME.PID.tmp` of dead processes).
+    """Remove what writers of `path` killed mid-write left beside it (`.NAME.HOST-PID.tmp` of dead processes).
 
     A kill between moving the old folder aside and the new one in leaves the old one
-    as `.NAME.PID.old` and nothing at `path`: it is put back, not removed.
+    as `.NAME.HOST-PID.old` and nothing at `path`: it is put back, not removed. Files
+    of another host (a shared folder) are left alone: its processes cannot be seen here.
     """
     path = Path(path)
     cleaned = []
@@ -48,8 +51,8 @@ def clean_stale(path: Path) -> list[Path]:
         name = other.name
         if not name.startswith(prefix) or not name.endswith((".tmp", ".old")):
             continue
-        pid = name[len(prefix) : -4]
-        if not pid.isdigit() or _alive(int(pid)):
+        host, _, pid = name[len(prefix) : -4].rpartition("-")
+        if not pid.isdigit() or (host and host != _host()) or _alive(int(pid)):
             continue
         if name.endswith(".old") and not path.exists():
             os.replace(other, path)
@@ -59,6 +62,15 @@ def clean_stale(path: Path) -> list[Path]:
     return cleaned
 
 
+def _tag() -> str:
+    """Who writes a temporary file: this host and process."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would end the process: keep its files
         return True
@@ -66,7 +78,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's live process
+    except (PermissionError, OverflowError, ValueError):  # someone else's live process; a pid no process has
         return True
     return True
 
@@ -75,7 +87,7 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     if not (path.exists() and (path.is_dir() or tmp.is_dir())):
         os.replace(tmp, path)  # atomic, and a file replaces a file in one step
         return
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")  # a folder cannot be replaced in one step
+    old = path.with_name(f".{path.name}.{_tag()}.old")  # a folder cannot be replaced in one step
     os.replace(path, old)
     try:
         os.replace(tmp, path)

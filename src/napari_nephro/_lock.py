@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,9 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; runs there are not protected against a second writer
     fcntl = None  # type: ignore[assignment]
+
+
+RETRY_SECONDS = 0.3  # how long a starting run waits for a lock held for a moment
 
 
 class Locked(Exception):
@@ -41,12 +46,21 @@ def exclusive(out: str | os.PathLike[str]) -> Iterator[None]:
         return
     path = lock_path(out)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             os.close(fd)
             raise Locked(out, _owner(path)) from None
+        except OSError as exc:  # a filesystem without flock (some network mounts): go on, unprotected
+            os.close(fd)
+            warnings.warn(
+                f"{out}: cannot lock it on this filesystem ({exc.strerror}); make sure no other run writes it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            yield
+            return
         # The holder before us may have removed the file after we opened it: then we lock a
         # file nobody else will find, and must start again on the one at `path`.
         try:
@@ -57,13 +71,35 @@ def exclusive(out: str | os.PathLike[str]) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        with contextlib.suppress(OSError):  # opened read-only: another user's file; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # while still holding it, so nobody locks the removed file and thinks it is theirs
         os.close(fd)
+
+
+def _open(path: Path) -> int:
+    """The lock file, made writable for everyone the umask allows (a stale one may be another user's)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor
+
+
+def _lock(fd: int) -> None:
+    """An exclusive lock, retried briefly: `holder` of another starting run holds it shared for an instant."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def holder(out: str | os.PathLike[str]) -> str | None:
@@ -79,6 +115,8 @@ def holder(out: str | os.PathLike[str]) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return _owner(path)
+    except OSError:  # no flock here: `exclusive` says so when the run starts
+        return None
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None

@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-VALUE_MAY_START_WITH_DASH = ("--region",)  # X,Y,W,H: a region may start left of or above the slide
+VALUE_MAY_START_WITH_DASH = "--region"  # X,Y,W,H: a region may start left of or above the slide
 
 
 def _join_dash_values(argv: list[str]) -> list[str]:
@@ -78,7 +78,8 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         negative = i + 1 < len(argv) and argv[i + 1][:1] == "-" and argv[i + 1][1:2] in "0123456789."
-        if argv[i] in VALUE_MAY_START_WITH_DASH and negative and argv[i + 1][1:2]:
+        option = len(argv[i]) >= 5 and VALUE_MAY_START_WITH_DASH.startswith(argv[i])  # argparse takes `--reg`
+        if option and negative and argv[i + 1][1:2]:
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
             continue
@@ -87,18 +88,19 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _number(low: float | None = None, high: float | None = None, *, above: bool = False):
-    """An argparse type for a finite number in [low, high] (or (low, high] with `above`): NaN and inf refused."""
+def _number(low: float | None = None, high: float | None = None, *, above: bool = False, below: bool = False):
+    """An argparse type for a finite number in [low, high] (`above`: low excluded, `below`: high excluded)."""
 
     def parse(text: str) -> float:
         value = _finite(text)
         too_low = low is not None and (value <= low if above else value < low)
-        if too_low or (high is not None and value > high):
+        too_high = high is not None and (value >= high if below else value > high)
+        if too_low or too_high:
             if high is None:
                 bound = "positive" if above and low == 0 else f"{'above' if above else 'at least'} {low:g}"
                 raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
-            bracket = "(" if above else "["
-            raise argparse.ArgumentTypeError(f"must be in {bracket}{low:g}, {high:g}], not {text}")
+            span = f"{'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}, not {text}")
         return value
 
     parse.__name__ = "number"  # argparse names the type in its message
@@ -116,7 +118,7 @@ def _finite(text: str) -> float:
 
 
 POSITIVE = _number(0, above=True)
-FRACTION = _number(0, 1)
+OPEN_FRACTION = _number(0, 1, above=True, below=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=int, help="overlap between tiles (default: the model's)")
     seg.add_argument(
         "--threshold",
-        type=_number(0, 1, above=True),
+        type=OPEN_FRACTION,
         default=0.5,
         help="foreground probability threshold (default 0.5)",
     )
@@ -222,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     tr.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (default 1e-4)")
     tr.add_argument("--weight-decay", type=_number(0), default=1e-5, help="AdamW weight decay (default 1e-5)")
-    tr.add_argument("--val-fraction", type=FRACTION, default=0.2, help="share of images kept for validation (0.2)")
+    tr.add_argument("--val-fraction", type=OPEN_FRACTION, default=0.2, help="share of images kept for validation (0.2)")
     tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
     tr.add_argument("--allow-empty", action="store_true", help="keep images without objects (as negatives)")
     tr.add_argument("--no-augment", action="store_true", help="train without augmentations")
@@ -539,7 +541,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 on_epoch=on_epoch,
             )
     except KeyboardInterrupt:
-        print("nephro: interrupted; the finished epochs are kept: add --resume to finish", file=sys.stderr)
+        if args.out.with_name(args.out.name + ".training").exists():
+            print("nephro: interrupted; the finished epochs are kept: add --resume to finish", file=sys.stderr)
+        else:
+            print("nephro: interrupted before the first epoch ended; nothing was kept", file=sys.stderr)
         return 130
     finally:
         if "bar" in bars:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ._limits import MAX_GRID_TILES
 from .io import Slide
 
 BACKGROUND = 255  # outside the slide is glass: white, as the backends lay transparency over white
@@ -51,14 +52,24 @@ def tile_grid(
         raise ValueError(f"tile must be positive and overlap in [0, tile), got tile={tile} overlap={overlap}")
     x0, y0, w, h = region
     size, stride = tile * scale, (tile - overlap) * scale
+    count = _count(w, size, stride) * _count(h, size, stride)
+    if count > MAX_GRID_TILES:
+        raise ValueError(
+            f"{count:.3g} tiles of {tile} px (overlap {overlap}) would cover this area: at most "
+            f"{MAX_GRID_TILES:,} in one run; use larger tiles, a coarser pixel size or a smaller region"
+        )
     xs, ys = _starts(x0, w, size, stride), _starts(y0, h, size, stride)
     return [Tile(x, y, size, size) for y in ys for x in xs]
+
+
+def _count(length: float, size: float, stride: float) -> int:
+    return 1 if length <= size else math.ceil((length - size) / stride) + 1
 
 
 def _starts(origin: float, length: float, size: float, stride: float) -> list[float]:
     if length <= size:
         return [origin]
-    count = int(np.ceil((length - size) / stride)) + 1
+    count = _count(length, size, stride)
     starts = [origin + i * stride for i in range(count)]
     starts[-1] = origin + length - size
     return starts

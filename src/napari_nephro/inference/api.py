@@ -91,7 +91,7 @@ def segment_region(
     """
     _check_threshold(threshold)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
-    check_memory(plan, channels_of(segmenter), batch_size)
+    check_memory(plan, channels_of(segmenter), batch_size, readers, _level_ratio(slide, plan))
     height, width = plan.out_shape
     channels = channels_of(segmenter)
     size = height * width * (4 * channels if probabilities else 1)
@@ -138,7 +138,7 @@ def segment_slide(
     if check_output(out, overwrite=overwrite, resume=resume):
         return _already_complete(out)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
-    check_memory(plan, channels_of(segmenter), batch_size)
+    check_memory(plan, channels_of(segmenter), batch_size, readers, _level_ratio(slide, plan))
     try:
         with exclusive(out):  # a second run on the same output refuses instead of deleting our files
             if check_output(out, overwrite=overwrite, resume=resume, locked=True):  # finished while we planned
@@ -216,6 +216,13 @@ def _run_into_store(
         return SlideResult(None, partial, store.rows_done, rows, stats)
     path = finish(store, out, mpp=mpp * plan.out_downsample, classes=classes, overwrite=overwrite)
     return SlideResult(path, partial, rows, rows, stats)
+
+
+def _level_ratio(slide: Slide, plan: Plan) -> float:
+    """Pixels read at the slide level a tile comes from, per working pixel (1 when a level has the model's scale)."""
+    from ..tiling import best_level
+
+    return plan.scale / slide.level_downsamples[best_level(slide, plan.scale)]
 
 
 def _check_threshold(threshold: float) -> None:

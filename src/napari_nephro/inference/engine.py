@@ -11,6 +11,7 @@ Cancellation is checked between batches; what was finished is flushed either way
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..io import Slide
-from ..tiling import read_scaled
+from ..tiling import READ_BLOCK_PIXELS, REDUCE_BLOCK_PIXELS, read_scaled
 from .errors import SegmentError
 from .output import Sink
 from .plan import GridTile, Plan
@@ -124,31 +125,53 @@ def run_tiles(
 MAX_RUN_BYTES = 8 * 1024**3  # what a run may hold besides the model: a 16 GB laptop still has room for it
 
 
-def memory_needed(plan: Plan, channels: int, batch_size: int) -> int:
-    """Bytes a run holds at its peak, besides the model: the stitching band, queued batches, output blocks.
+def memory_needed(plan: Plan, channels: int, batch_size: int, readers: int, level_ratio: float = 1.0) -> dict:
+    """Bytes a run holds at its peak besides the model, by part: what depends on the tiles, and on the width.
 
     Whatever the slide's size this is a few tiles and one band a tile high, so only
     absurd tiles, batches or scales make it large; they are refused before anything is read.
+    `level_ratio`: pixels read at the slide level per working pixel (1 on a pyramid with the model's scale).
     """
     tile, (_, work_w), (_, out_w) = plan.tile, plan.work_shape, plan.out_shape
-    band = (channels + 1) * tile * max(work_w, tile) * 4  # weighted sums and weights, float32
-    released = channels * tile * work_w * 4 * 2  # a released band, and its copy held for resampling
-    tiles = (PREFETCH_BATCHES + 1) * batch_size * tile * tile * (3 + 3 + 4 * channels)  # read, resampled, predicted
-    out_rows = 4 * channels * RowResampler.ROW_BLOCK * out_w * 4  # output blocks in flight, float32
-    return band + released + tiles + out_rows
+    source = (tile * max(level_ratio, 1.0)) ** 2  # one tile's pixels at the level it is read from
+    per_reader = source * 3 if source <= READ_BLOCK_PIXELS else tile * tile * 24 + REDUCE_BLOCK_PIXELS * 3
+    return {
+        "tiles": (PREFETCH_BATCHES + 1) * batch_size * tile * tile * (3 + 3 + 4 * channels)  # read, resized, predicted
+        + int(readers * per_reader),
+        "width": (channels + 1) * tile * max(work_w, tile) * 4  # the stitching band: weighted sums and weights
+        + channels * tile * work_w * 4 * 2  # a released band, and its copy held for resampling
+        + 4 * channels * RowResampler.ROW_BLOCK * out_w * 4,  # output blocks in flight
+    }
 
 
-def check_memory(plan: Plan, channels: int, batch_size: int, limit: int = MAX_RUN_BYTES) -> None:
-    """Refuse a run that would need more than `limit` bytes, saying how much and what to change."""
+def check_memory(
+    plan: Plan, channels: int, batch_size: int, readers: int | None = None, level_ratio: float = 1.0
+) -> None:
+    """Refuse a run that would need more than `max_run_bytes()`, saying how much and what to change."""
     if batch_size < 1:
         raise SegmentError(f"the batch size must be at least 1, not {batch_size}")
-    need = memory_needed(plan, channels, batch_size)
+    parts = memory_needed(plan, channels, batch_size, readers or default_readers(), level_ratio)
+    need, limit = sum(parts.values()), max_run_bytes()
     if need > limit:
+        advice = (
+            "segment a --region, or write at a coarser scale"
+            if parts["width"] > parts["tiles"]
+            else "use a smaller --tile, --batch or --readers"
+        )
         raise SegmentError(
             f"this run would hold {need / 1024**3:.1f} GiB in memory (tiles of {plan.tile} px, batch {batch_size}, "
-            f"{plan.work_shape[1]} px wide at the model's scale); the limit is {limit / 1024**3:.0f} GiB: "
-            "use a smaller --tile or --batch, or a --region"
+            f"{plan.work_shape[1]} px wide at the model's scale); the limit is {limit / 1024**3:.0f} GiB "
+            f"(NAPARI_NEPHRO_MAX_RUN_GIB): {advice}"
         )
+
+
+def max_run_bytes() -> int:
+    """MAX_RUN_BYTES, or NAPARI_NEPHRO_MAX_RUN_GIB for a machine with more memory."""
+    try:
+        gib = float(os.environ.get("NAPARI_NEPHRO_MAX_RUN_GIB", ""))
+    except ValueError:
+        return MAX_RUN_BYTES
+    return int(gib * 1024**3) if math.isfinite(gib) and gib > 0 else MAX_RUN_BYTES
 
 
 def default_readers() -> int:

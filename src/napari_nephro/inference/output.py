@@ -84,6 +84,8 @@ def check_output(out: Path, *, overwrite: bool, resume: bool, locked: bool = Fal
     if owner is not None:
         raise SegmentError(f"{out}: another nephro run ({owner}) is writing it; wait for it to end, or stop it first")
     partial = partial_path(out)
+    if resume and out.exists() and partial.exists() and _run_record(partial).get("complete") is True:
+        shutil.rmtree(partial, ignore_errors=True)  # killed while removing the store after writing `out`
     if resume and not partial.exists():
         if out.exists():
             return True
@@ -104,11 +106,20 @@ def _difference(key: str, was, now) -> str:
     return f"{key} (was {was}, now {now})" if isinstance(was, simple) and isinstance(now, simple) else key
 
 
-def _describe_progress(partial: Path) -> str:
+def _run_record(partial: Path) -> dict:
+    """The run record of a partial store, or {} when it has none that can be read."""
     try:
         record = json.loads((partial / ".zattrs").read_text())[RUN_KEY]
-        return f"{record['rows_done']} of {record['rows']} rows done"  # rows of the region, at output scale
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _describe_progress(partial: Path) -> str:
+    record = _run_record(partial)
+    try:
+        return f"{int(record['rows_done'])} of {int(record['rows'])} rows done"  # rows of the region, at output scale
+    except (KeyError, TypeError, ValueError):
         return "progress unknown"
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .._limits import MAX_TILE, mpp_problem
 from ..io import Slide
-from ..models.config import MAX_TILE  # models take 256 to 1024 px; larger tiles only multiply memory
 from ..tiling import read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError
 
@@ -94,6 +94,8 @@ def check_region(slide: Slide, region: tuple[float, float, float, float] | None)
     if region is None:
         return (0, 0, width, height)
     x, y, w, h = region
+    if not all(math.isfinite(v) for v in region):
+        raise SegmentError(f"region {_fmt(region)}: X, Y, W and H must be finite numbers")
     if w <= 0 or h <= 0:
         raise SegmentError(f"region {_fmt(region)} is empty: width and height must be positive")
     x0, y0 = max(0, math.floor(x)), max(0, math.floor(y))
@@ -134,15 +136,21 @@ def make_plan(
     """
     if tile <= 0 or not 0 <= overlap < tile:
         raise SegmentError(f"tile must be positive and overlap in [0, tile), not tile={tile} overlap={overlap}")
-    if tile > MAX_TILE:
+    if tile > MAX_TILE:  # models take 256 to 1024 px; larger tiles only multiply memory
         raise SegmentError(f"tiles of {tile} px are too large: at most {MAX_TILE} px a side")
+    problem = mpp_problem(model_mpp, "model's tiles")
+    if problem:
+        raise SegmentError(problem)
     if out_downsample <= 0:
         raise SegmentError(f"out_downsample must be positive, not {out_downsample}")
     box = check_region(slide, region)
     scale = model_mpp / slide_mpp(slide)
     plan = Plan(box, scale, out_downsample, tile, overlap)
     work_h, work_w = plan.work_shape
-    grid = tile_grid((0, 0, work_w, work_h), tile=tile, overlap=overlap)
+    try:
+        grid = tile_grid((0, 0, work_w, work_h), tile=tile, overlap=overlap)
+    except ValueError as exc:
+        raise SegmentError(str(exc)) from None
     starts = sorted({int(t.y) for t in grid})
     rows = {y: i for i, y in enumerate(starts)}
     tissue = _tissue_by_tile(slide, plan, grid) if skip_background else None

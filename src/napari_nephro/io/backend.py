@@ -14,9 +14,10 @@ from .errors import SlideError
 PLAUSIBLE_MPP = (0.01, 50.0)
 
 # Declared sizes beyond these are a damaged or hostile header, not a slide, and are refused
-# at open: a 75 x 25 mm slide at 0.25 um/px is about 30 Gpx, and no scanner's tile comes
-# near 128 Mpx (a decoded tile that size is 384 MiB of RGB, held by each reading thread).
-MAX_LEVEL_PIXELS = 2**36  # ~68.7 Gpx
+# at open: a 75 x 25 mm slide at 0.25 um/px is about 30 Gpx, a 50 x 25 mm scan at 0.11 um/px
+# about 100 Gpx, and no scanner's tile comes near 128 Mpx (a decoded tile that size is 384 MiB
+# of RGB, held by each reading thread).
+MAX_LEVEL_PIXELS = 2**38  # ~275 Gpx
 MAX_TILE_PIXELS = 2**27  # ~134 Mpx: one tile, or one strip that must be decoded whole
 
 
@@ -66,7 +67,7 @@ def check_geometry(
             raise SlideError(
                 path,
                 f"level {i} declares {w} x {h} pixels ({megapixels(h * w)}), more than any slide has: "
-                f"the limit is {megapixels(MAX_LEVEL_PIXELS)} (2^36 pixels)",
+                f"the limit is {megapixels(MAX_LEVEL_PIXELS)} (2^38 pixels)",
             )
     for i, (th, tw) in enumerate(tile_shapes):
         if th < 1 or tw < 1 or th * tw > MAX_TILE_PIXELS:

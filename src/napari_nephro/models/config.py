@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .._limits import MAX_TILE, MIN_TILE  # the tile side and mpp limits every command that lays tiles keeps
+from .._limits import WORK_MPP as MPP_RANGE
 from .errors import ModelError
 
 ARCHITECTURES = ("unet", "unet3plus", "swin_unet")
@@ -19,8 +21,6 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CONFIG_VERSION = 1
 # sizes beyond these are mistakes, and would ask for tens of GiB at segment time
 MAX_INPUT = 4096  # network input side
-MIN_TILE, MAX_TILE = 16, 8192  # tile side at the model's mpp (the engine refuses larger tiles too)
-MPP_RANGE = (0.05, 50.0)  # micrometres per pixel: from beyond 80x objectives to coarse overviews
 MAX_DEPTH = 64  # nesting of a config.json's lists and objects (provenance holds a few levels)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_output
+from .._limits import mpp_problem, tile_problem
 from ..annotations.colors import class_color
 from .errors import PromptError
 
@@ -54,10 +55,9 @@ class PromptSet:
             raise PromptError(f"classes must be distinct non-empty names, at least one, not {self.classes!r}")
         if len(self.classes) > 254:
             raise PromptError("a prompt set holds at most 254 classes")
-        if not self.mpp or self.mpp <= 0:
-            raise PromptError(f"the prompt set's pixel size must be positive, not {self.mpp}")
-        if self.size < 16:
-            raise PromptError(f"the crop size must be at least 16 pixels, not {self.size}")
+        problem = mpp_problem(self.mpp, "prompt crops") or tile_problem(self.size, "crop")
+        if problem:
+            raise PromptError(problem)
 
     # -- contents --------------------------------------------------------------
     def __len__(self) -> int:
@@ -220,7 +220,7 @@ class PromptSet:
             entries = list(index["examples"])
             if not all(isinstance(entry, dict) for entry in entries):
                 raise TypeError("every example must be a JSON object")
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
             raise PromptError(f"{index_path}: not a valid prompt index ({exc.__class__.__name__}: {exc})") from None
         if version > VERSION:
             raise PromptError(f"{index_path}: written by a newer napari-nephro (version {version})")
