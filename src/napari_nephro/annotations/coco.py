@@ -11,7 +11,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from ._geometry import polygonal
-from ._json import is_coco, load_json
+from ._json import COCO_KEYS, load_json
 from ._write import atomic_write_bytes
 from .errors import AnnotationError
 from .model import Annotation, AnnotationSet
@@ -38,12 +38,33 @@ def read_coco(path: str | os.PathLike[str], *, repair: bool = True) -> dict[str,
 
 def coco_from_data(data, path: Path, *, repair: bool = True) -> dict[str, CocoImage]:
     """Images of already-parsed COCO JSON (`path` only names the file in messages)."""
-    if not is_coco(data):
-        raise AnnotationError(path, "not COCO: expected 'images', 'annotations' and 'categories'")
+    if not isinstance(data, dict):
+        raise AnnotationError(path, f"not COCO: expected a JSON object, not {_kind(data)}")
+    missing = [k for k in COCO_KEYS if k not in data]
+    if missing:
+        present = [k for k in COCO_KEYS if k in data]
+        raise AnnotationError(
+            path,
+            f"COCO file without {_quoted(missing)}"
+            + (f" (it has {_quoted(present)})" if present else "")
+            + ': a COCO file lists "images" (id, file_name, width, height), "annotations" and "categories"',
+        )
+    for key in COCO_KEYS:
+        if not isinstance(data[key], list):
+            raise AnnotationError(path, f'COCO "{key}" must be a list, not {_kind(data[key])}')
     try:
         return _coco_images(data, path, repair)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # e.g. a number where an object belongs
         raise AnnotationError(path, f"malformed COCO entry ({exc.__class__.__name__}: {exc})") from None
+
+
+def _quoted(keys: list[str]) -> str:
+    names = [f'"{k}"' for k in keys]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def _coco_images(data: dict, path: Path, repair: bool) -> dict[str, CocoImage]:

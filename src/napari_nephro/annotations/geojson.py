@@ -35,11 +35,17 @@ def geojson_from_data(data, path: Path, *, repair: bool = True) -> AnnotationSet
         features = data
     else:
         raise AnnotationError(path, "not GeoJSON: expected a FeatureCollection, a Feature or a list of Features")
+    if not isinstance(features, list):
+        raise AnnotationError(path, f'"features" must be a list of Features, not {type(features).__name__}')
     warnings: list[str] = []
     found = []
+    no_geometry, not_features = [], []
     for i, feature in enumerate(features):
-        if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
-            warnings.append(f"feature {i}: no geometry, skipped")
+        if not isinstance(feature, dict):
+            not_features.append(i)
+            continue
+        if not isinstance(feature.get("geometry"), dict):  # null (QuPath writes it for objects without a ROI)
+            no_geometry.append(i)
             continue
         geometry = polygonal(feature["geometry"], f"feature {i}", path, repair, warnings)
         if geometry is None:
@@ -50,7 +56,19 @@ def geojson_from_data(data, path: Path, *, repair: bool = True) -> AnnotationSet
         label = classification.get("name") if isinstance(classification, dict) else None
         object_type = props.get("objectType", "annotation")
         found.append(Annotation(geometry, label or UNCLASSIFIED, object_type, {"index": i}))
+    if no_geometry:
+        warnings.insert(0, _skipped(no_geometry, "feature without geometry", "features without geometry"))
+    if not_features:
+        warnings.insert(0, _skipped(not_features, "entry that is not a Feature", "entries that are not Features"))
     return AnnotationSet(found, warnings=warnings)
+
+
+def _skipped(indices: list[int], one: str, many: str) -> str:
+    """`2 features without geometry were skipped (numbers 3, 7)`: one note however many there are."""
+    shown = ", ".join(str(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+    if len(indices) == 1:
+        return f"1 {one} was skipped (number {shown}, counting from 0)"
+    return f"{len(indices)} {many} were skipped (numbers {shown}, counting from 0)"
 
 
 def write_geojson(annotations: AnnotationSet, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

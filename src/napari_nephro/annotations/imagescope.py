@@ -22,6 +22,7 @@ from pathlib import Path
 import shapely
 from shapely.geometry import Polygon
 
+from .._paths import path_problem
 from ._geometry import polygonal
 from ._write import atomic_write_bytes
 from .colors import class_color
@@ -55,6 +56,8 @@ def read_imagescope_mpp(path: str | os.PathLike[str]) -> float | None:
 
 
 def _parse(path: Path) -> ET.Element:
+    if problem := path_problem(path):
+        raise AnnotationError(path, problem)
     if not path.is_file():
         raise AnnotationError(path, "no such file")
     try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._paths import path_problem
 from ._json import is_coco, load_json
 from .coco import coco_from_data
 from .errors import AnnotationError
@@ -16,7 +17,7 @@ from .geojson import geojson_from_data
 from .imagescope import read_xml_annotations
 from .labeltiff import description_info
 from .model import AnnotationSet
-from .omezarr import read_label_zarr
+from .omezarr import read_label_zarr, refuse_unfinished
 from .raster import vectorize, vectorize_tiled
 
 LABEL_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
@@ -53,10 +54,11 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.exists():
-        raise AnnotationError(path, "no such file")
+    if problem := path_problem(path):
+        raise AnnotationError(path, problem)
     if path.suffix.lower() == ".zarr":
         pyramid = read_label_zarr(path)
+        refuse_unfinished(pyramid, path)  # half a slide is no result
         return LabelFile(pyramid.levels[0], pyramid.classes, pyramid.mpp)
     info = None
     try:
@@ -103,8 +105,8 @@ def _instances(array: np.ndarray, path: Path) -> np.ndarray:
 def read_annotations(path: str | os.PathLike[str], *, repair: bool = True, image: str | None = None) -> AnnotationSet:
     """Annotations from GeoJSON, one image of a COCO file, ImageScope / ASAP XML, a label image or OME-Zarr labels."""
     path = Path(path)
-    if not path.exists():
-        raise AnnotationError(path, "no such file")
+    if problem := path_problem(path):
+        raise AnnotationError(path, problem)
     suffix = path.suffix.lower()
     if suffix in LABEL_IMAGE_EXTENSIONS or suffix == ".zarr":
         return read_label_file(path).annotations()

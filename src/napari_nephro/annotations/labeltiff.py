@@ -84,7 +84,7 @@ def description_info(description: str) -> tuple[dict[int, str], float | None] | 
     try:
         info = json.loads(description)[DESCRIPTION_KEY]
         return {int(k): str(v) for k, v in info.get("classes", {}).items()}, info.get("mpp")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # another program's description
         return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 UNCLASSIFIED = "unclassified"
+_INDEX_LOCK = threading.Lock()  # one spatial index build at a time (module-wide: sets stay picklable)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class AnnotationSet:
                 seen.append(a.label)
         self.classes = seen
         self._index = None
+        self._rings: dict[int, tuple] = {}  # position -> (geometry, its rings): large outlines, read once
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -80,10 +83,40 @@ class AnnotationSet:
         A spatial index (built once) keeps cutting a whole slide into tiles linear in
         the number of tiles, not tiles times objects.
         """
-        if self._index is None or self._index[0] != len(self.annotations):
-            tree = STRtree([shapely.box(*a.bounds) for a in self.annotations])
-            self._index = (len(self.annotations), tree)
-        return np.sort(self._index[1].query(shapely.box(x0, y0, x1, y1)))
+        with _INDEX_LOCK:  # tiles may be drawn on several threads: build the index once
+            if self._index is None or self._index[0] != len(self.annotations):
+                tree = STRtree([shapely.box(*a.bounds) for a in self.annotations])
+                tree.query(shapely.box(0, 0, 0, 0))  # built now, not by the first of several threads
+                self._index = (len(self.annotations), tree)
+            tree = self._index[1]
+        return np.sort(tree.query(shapely.box(x0, y0, x1, y1)))
+
+    def rings(self, position: int) -> list[list[np.ndarray]]:
+        """Each polygon part's rings (exterior first) as (n, 2) arrays of level-0 (x, y).
+
+        Outlines of many vertices are kept, so drawing a slide tile by tile reads them once.
+        """
+        ann = self.annotations[position]
+        cached = self._rings.get(position)
+        if cached is not None and cached[0] is ann.geometry:
+            return cached[1]
+        parts = [[np.asarray(r.coords, np.float64) for r in (p.exterior, *p.interiors)] for p in ann.polygons()]
+        if shapely.get_num_coordinates(ann.geometry) >= LARGE_OUTLINE:
+            self._rings[position] = (ann.geometry, parts)
+        return parts
+
+
+LARGE_OUTLINE = 10_000  # vertices
+NOTES_PER_FILE = 5
+
+
+def reading_notes(where, warnings: Iterable[str], limit: int = NOTES_PER_FILE) -> list[str]:
+    """What reading a file repaired or skipped, one line each as `where: warning`, at most `limit` + a count."""
+    warnings = list(warnings)
+    notes = [f"{where}: {w}" for w in warnings[:limit]]
+    if len(warnings) > limit:
+        notes.append(f"{where}: {len(warnings) - limit} more notes like these")
+    return notes
 
 
 def as_area(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:

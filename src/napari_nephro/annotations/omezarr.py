@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import atomic_output
+from .._paths import path_problem
 from ._write import check_target
 from .colors import class_color
 from .errors import AnnotationError
@@ -34,6 +35,35 @@ class LabelPyramid:
     mpp: float | None = None
     classes: dict[int, str] = field(default_factory=dict)
     name: str = "labels"
+    run: dict | None = None  # the record of the `nephro segment` run that wrote it, if one did
+
+    def unfinished(self) -> str | None:
+        """Why this is not a result yet (a run that stopped part way), or None for a finished image."""
+        record = self.run
+        if record is None or record.get("complete") is True:
+            return None
+        done, rows = record.get("rows_done"), record.get("rows")
+        progress = f"{done} of {rows} rows done" if isinstance(done, int) and isinstance(rows, int) else "unfinished"
+        return f"an unfinished `nephro segment` run ({progress})"
+
+
+RUN_KEY = "napari-nephro-run"  # where `nephro segment` records its progress in a store it writes
+PARTIAL = ".partial.zarr"
+
+
+def refuse_unfinished(pyramid: LabelPyramid, path: Path) -> None:
+    """Refuse a run's partial store as a result: scoring or converting it would silently use half a slide."""
+    why = pyramid.unfinished()
+    if why is None:
+        return
+    name = path.name
+    if name.endswith(PARTIAL):
+        base = name[: -len(PARTIAL)]
+        name = base if Path(base).suffix.lower() in (".tif", ".tiff", ".geojson") else f"{base}.zarr"
+    slide = pyramid.run.get("slide") or "SLIDE"
+    raise AnnotationError(
+        path, f"{why}: finish it with `nephro segment {slide} ... --out {name} --resume`, then use {name}"
+    )
 
 
 def write_label_zarr(
@@ -100,8 +130,8 @@ def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:
     import zarr
 
     path = Path(path)
-    if not path.exists():
-        raise AnnotationError(path, "no such file or folder")
+    if problem := path_problem(path):
+        raise AnnotationError(path, problem)
     try:
         group = zarr.open_group(store=str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a folder that is no store
@@ -133,7 +163,8 @@ def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:
     mpp = scales[0] if scales[0] and units == {"micrometer"} else None
     properties = attrs.get("image-label", {}).get("properties", [])
     classes = {int(p["label-value"]): str(p["class"]) for p in properties if "class" in p and "label-value" in p}
-    return LabelPyramid(levels, downsamples, mpp, classes, multiscale.get("name") or path.stem)
+    run = attrs.get(RUN_KEY) if isinstance(attrs.get(RUN_KEY), dict) else None
+    return LabelPyramid(levels, downsamples, mpp, classes, multiscale.get("name") or path.stem, run)
 
 
 def _ngff(attrs: dict) -> dict:

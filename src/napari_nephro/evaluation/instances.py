@@ -1,7 +1,8 @@
 """Instance matching at an IoU threshold: optimal one-to-one (Hungarian), fast on many objects.
 
 IoUs come from one joint histogram of overlapping (truth, prediction) pixel pairs,
-so only pairs that touch are ever considered. Above an IoU of 0.5 each object can
+gathered block by block, so only pairs that touch are ever considered and a
+whole-slide label image is never in memory. Above an IoU of 0.5 each object can
 match at most one other and the matching is unique; below it, each connected group
 of candidates is solved with the Hungarian algorithm, maximising first the number
 of matches and then their IoU (as stardist.matching does).
@@ -17,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ._ratio import ratio
+from .blockwise import PairCounts, block_cells, blocks, parallel_map, read_block
 
 
 @dataclass
@@ -53,30 +55,42 @@ class MatchResult:
         return {k: getattr(self, k) for k in keys}
 
 
-def overlap_table(truth: np.ndarray, pred: np.ndarray):
-    """Object ids, areas, and the overlapping (truth, pred, intersection) triples."""
-    t = np.asarray(truth).ravel().astype(np.int64, copy=False)
-    p = np.asarray(pred).ravel().astype(np.int64, copy=False)
-    true_ids, t_inv, t_area = np.unique(t, return_inverse=True, return_counts=True)
-    pred_ids, p_inv, p_area = np.unique(p, return_inverse=True, return_counts=True)
-    both = (t != 0) & (p != 0)
-    key = t_inv[both] * len(pred_ids) + p_inv[both]
-    pair_keys, inter = np.unique(key, return_counts=True)
-    ti, pi = np.divmod(pair_keys, len(pred_ids))
-    # drop the background (id 0) from the object lists
-    t_keep, p_keep = true_ids != 0, pred_ids != 0
-    t_index = np.cumsum(t_keep) - 1
-    p_index = np.cumsum(p_keep) - 1
-    return (true_ids[t_keep], t_area[t_keep], pred_ids[p_keep], p_area[p_keep], t_index[ti], p_index[pi], inter)
+def overlap_table(truth, pred):
+    """Object ids, areas, and the overlapping (truth, pred, intersection) triples.
+
+    Counted block by block (numpy, zarr or dask arrays, or polygons drawn on demand),
+    so the memory needed is that of a block and of the objects, not of the image.
+    """
+    counts = PairCounts()
+    if len(np.shape(truth)) == 2:
+
+        def cells(box):
+            return block_cells(read_block(truth, *box), read_block(pred, *box))
+
+        for part in parallel_map(cells, blocks(tuple(np.shape(truth)))):
+            counts.add_cells(part)
+    else:  # not an image: one block
+        counts.add(np.asarray(truth), np.asarray(pred))
+    return counts.table()
 
 
-def match_instances(pred: np.ndarray, truth: np.ndarray, iou_threshold: float = 0.5) -> MatchResult:
+def match_instances(pred, truth, iou_threshold: float = 0.5) -> MatchResult:
     """Match predicted to true objects one-to-one where IoU >= iou_threshold."""
     if tuple(np.shape(pred)) != tuple(np.shape(truth)):
         raise ValueError(f"prediction shape {np.shape(pred)} differs from ground-truth shape {np.shape(truth)}")
+    _check_threshold(iou_threshold)
+    return match_from_table(overlap_table(truth, pred), iou_threshold)
+
+
+def _check_threshold(iou_threshold: float) -> None:
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"IoU threshold must be in (0, 1], not {iou_threshold}")
-    true_ids, t_area, pred_ids, p_area, ti, pi, inter = overlap_table(truth, pred)
+
+
+def match_from_table(table, iou_threshold: float = 0.5) -> MatchResult:
+    """The one-to-one matching of an `overlap_table` (or `PairCounts.table()`) at an IoU threshold."""
+    _check_threshold(iou_threshold)
+    true_ids, t_area, pred_ids, p_area, ti, pi, inter = table
     iou = inter / (t_area[ti] + p_area[pi] - inter)
     ok = iou >= iou_threshold
     ti, pi, iou = ti[ok], pi[ok], iou[ok]

@@ -61,7 +61,13 @@ def pixel_scores_per_class(pred_classes, truth_classes, class_names: Sequence[st
         hist = np.sum(dask.compute(*parts), axis=0)
     else:
         hist = _joint_block(np.asarray(truth_classes), np.asarray(pred_classes), n)
-    table = hist.reshape(n, n)  # rows truth, columns prediction
+    return per_class_from_histogram(hist, class_names)
+
+
+def per_class_from_histogram(hist: np.ndarray, class_names: Sequence[str]) -> dict[str, PixelScores]:
+    """Scores per class from a joint histogram of (truth class, prediction class): index truth * n + prediction."""
+    n = len(class_names) + 1
+    table = np.asarray(hist).reshape(n, n)  # rows truth, columns prediction
     out = {}
     for c, name in enumerate(class_names, start=1):
         tp = table[c, c]

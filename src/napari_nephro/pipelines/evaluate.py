@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..annotations import AnnotationSet, rasterize, read_annotations
+from .._paths import path_problem
+from ..annotations import AnnotationSet, PolygonLabels, read_annotations
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, image_stem, read_label_file
-from ..annotations.model import UNCLASSIFIED, require_inside
-from ..evaluation import match_instances, per_crop, pixel_scores, pixel_scores_per_class, summarize
+from ..annotations.model import UNCLASSIFIED, reading_notes, require_inside
+from ..evaluation import PixelScores, summarize
+from ..evaluation.blockwise import ObjectBoxes, PairCounts, block_cells, blocks, parallel_map, read_block
+from ..evaluation.instances import match_from_table
+from ..evaluation.pixel import per_class_from_histogram
+from ..evaluation.summary import DEFAULT_CROP_MARGIN, count_crops, crop_counts, crop_rows
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".zarr", *LABEL_IMAGE_EXTENSIONS)
 SUMMARY_KEYS = ("dice", "iou", "precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
@@ -28,29 +34,55 @@ class EvaluationError(Exception):
 
 @dataclass
 class Labels:
-    instances: np.ndarray  # 0 background, 1..n objects
-    classes: np.ndarray | None  # class ids (1-based into names), None when the source has no classes
+    """One image's objects, read block by block: instance values and the class of each value.
+
+    `instances` is anything 2-D that slices: a numpy array (label image), a lazy zarr
+    / dask array (OME-Zarr), or polygons drawn on demand (`PolygonLabels`), so a
+    whole-slide image is never in memory at once.
+    """
+
+    instances: Any  # 0 background, 1..n objects
+    class_of: np.ndarray | None  # class id (1-based into names) of each instance value; None without classes
     names: list[str]
+    notes: list[str] = field(default_factory=list)  # what reading repaired or skipped
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(n) for n in self.instances.shape)
+
+    def read_instances(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Instance values of pixels [y0:y1, x0:x1]."""
+        if isinstance(self.instances, PolygonLabels):
+            return self.instances.tile(1, y0, x0, y1 - y0, x1 - x0)
+        return read_block(self.instances, y0, y1, x0, x1)
+
+    def classes_of(self, values: np.ndarray) -> np.ndarray:
+        """The class id of each instance value (0: background or no class)."""
+        values = np.asarray(values, np.int64)
+        lut = self.class_of if self.class_of is not None else np.zeros(1, np.uint16)
+        known = (values >= 0) & (values < len(lut))
+        return np.where(known, lut[np.where(known, values, 0)], 0).astype(np.int64)
 
 
 def load_labels(path: Path, shape: tuple[int, int] | None = None) -> Labels:
-    """Instance (and class) rasters from any annotation file; vector files need `shape`."""
+    """Instance (and class) labels from any annotation file; vector files need `shape`."""
+    path = Path(path)
     if path.suffix.lower() == ".zarr" or path.suffix.lower() in LABEL_IMAGE_EXTENSIONS:
-        raster = read_label_file(path)
-        return _with_classes(np.asarray(raster.labels).astype(np.uint32, copy=False), raster.classes)
+        raster = read_label_file(path)  # a label image in memory, or OME-Zarr lazily
+        return _with_classes(raster.labels, raster.classes)
     return _polygon_labels(read_annotations(path), path, shape)
 
 
-def _with_classes(instances: np.ndarray, classes: dict[int, str]) -> Labels:
-    """Instance labels and, when the file names each value's class, the class raster."""
+def _with_classes(instances, classes: dict[int, str]) -> Labels:
+    """Instance labels and, when the file names each value's class, the class of each value."""
     named = {v: c for v, c in classes.items() if c != UNCLASSIFIED}
     if not named:
         return Labels(instances, None, [])
     names = list(dict.fromkeys(named.values()))
-    lut = np.zeros(max(int(instances.max()), max(named)) + 1, np.uint16)
+    lut = np.zeros(max(named) + 1, np.uint16)
     for value, name in named.items():
         lut[value] = names.index(name) + 1
-    return Labels(instances, lut[instances], names)
+    return Labels(instances, lut, names)
 
 
 def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, int] | None) -> Labels:
@@ -59,47 +91,91 @@ def _polygon_labels(annotations: AnnotationSet, path: Path, shape: tuple[int, in
             f"{path}: polygons need an image size: give --shape HEIGHT,WIDTH or a label image on the other side"
         )
     require_inside(annotations, shape, path)
-    return _rasterized(annotations, shape)
+    return _rasterized(annotations, shape, reading_notes(path, annotations.warnings))
 
 
-def _rasterized(annotations: AnnotationSet, shape) -> Labels:
-    """Instances drawn once; the class raster follows from them (object i has its class id at index i)."""
-    instances = rasterize(annotations, shape)
+def _rasterized(annotations: AnnotationSet, shape, notes: list[str]) -> Labels:
+    """Polygons drawn block by block when read; object i has its class id at index i of the lookup table."""
+    instances = PolygonLabels(annotations, shape)
     if all(c == UNCLASSIFIED for c in annotations.classes):
-        return Labels(instances, None, list(annotations.classes))
+        return Labels(instances, None, list(annotations.classes), notes)
     lut = np.array([0, *(annotations.class_id(a.label) for a in annotations)], np.uint16)
-    return Labels(instances, lut[instances], list(annotations.classes))
+    return Labels(instances, lut, list(annotations.classes), notes)
 
 
 def evaluate_pair(
     pred: Labels, truth: Labels, *, iou_threshold: float = 0.5, crops: bool = False, name: str = ""
 ) -> dict:
-    """Pixel and instance scores of one image, per class when the truth has classes."""
-    if pred.instances.shape != truth.instances.shape:
+    """Pixel and instance scores of one image, per class when the truth has classes.
+
+    One pass over the image block by block gathers everything (foreground counts,
+    object areas and overlaps, class histograms, object boxes); a second pass over
+    the blocks that hold crops scores them. Memory: a block and the objects.
+    """
+    if pred.shape != truth.shape:
         raise EvaluationError(
-            f"{name}: prediction is {pred.instances.shape[1]}x{pred.instances.shape[0]} px, "
-            f"ground truth {truth.instances.shape[1]}x{truth.instances.shape[0]}: they must cover the same image"
+            f"{name}: prediction is {pred.shape[1]}x{pred.shape[0]} px, "
+            f"ground truth {truth.shape[1]}x{truth.shape[0]}: they must cover the same image"
         )
-    pixel = pixel_scores(pred.instances, truth.instances)
-    match = match_instances(pred.instances, truth.instances, iou_threshold)
+    shape = truth.shape
+    grid = list(blocks(shape))
+    kept = {}  # the one block of a small image, for the crops
+
+    def scan(box):
+        t, p = truth.read_instances(*box), pred.read_instances(*box)
+        found = None
+        if crops:
+            found = ObjectBoxes()
+            found.add(t, box[0], box[2])
+            if len(grid) == 1:
+                kept[box] = (p, t)
+        return block_cells(t, p), found
+
+    pairs, boxes = PairCounts(), ObjectBoxes()
+    for cells, found in parallel_map(scan, grid):
+        pairs.add_cells(cells)
+        if found is not None:
+            boxes.merge(found)
+    pixel = PixelScores.from_counts(*pairs.foreground())
+    match = match_from_table(pairs.table(), iou_threshold)
     row = {"image": name, "dice": pixel.dice, "iou": pixel.iou, **match.as_dict()}
-    if truth.classes is not None and pred.classes is not None and pred.names == truth.names:
-        per_class = pixel_scores_per_class(pred.classes, truth.classes, truth.names)
-        row["per_class"] = {k: v.as_dict() for k, v in per_class.items()}
-    elif truth.classes is not None:
-        # A class-agnostic prediction is scored per class on the pixels that are not
-        # another class's truth: finding a sclerotic glomerulus is no false positive
-        # for the "normal" class.
-        row["per_class"] = {}
-        for i, c in enumerate(truth.names, start=1):
-            other = (truth.classes != i) & (truth.classes != 0)
-            scores = pixel_scores(np.where(other, 0, pred.instances), np.where(truth.classes == i, truth.instances, 0))
-            row["per_class"][c] = scores.as_dict()
+    if truth.class_of is not None:
+        row["per_class"] = {k: v.as_dict() for k, v in _class_scores(pairs, pred, truth).items()}
     if crops:
-        row["crops"] = per_crop(pred.instances, truth.instances)
+        counts = crop_counts(boxes.boxes(), DEFAULT_CROP_MARGIN, shape)
+
+        def read(box):
+            return kept.get(box) or (pred.read_instances(*box), truth.read_instances(*box))
+
+        count_crops(counts, read, shape)
+        row["crops"] = crop_rows(boxes.boxes(), counts)
         crop_dice = [c["dice"] for c in row["crops"] if c["dice"] is not None]
         row["crop_dice_mean"] = float(np.mean(crop_dice)) if crop_dice else None
     return row
+
+
+def _class_scores(pairs: PairCounts, pred: Labels, truth: Labels) -> dict[str, PixelScores]:
+    """Pixel scores per truth class, from the (truth value, prediction value) pixel counts.
+
+    Same class names on both sides: class against class. A class-agnostic prediction
+    is scored per class on the pixels that are not another class's truth: finding a
+    sclerotic glomerulus is no false positive for the "normal" class.
+    """
+    t, p, n = pairs.cells()
+    t_class = truth.classes_of(t)
+    k = len(truth.names) + 1
+    if pred.class_of is not None and pred.names == truth.names:
+        hist = np.bincount(t_class * k + pred.classes_of(p), weights=n, minlength=k * k)
+        return per_class_from_histogram(hist.astype(np.int64), truth.names)
+    # per pixel: (truth class, truth object?, prediction object?)
+    h = np.bincount((t_class * 2 + (t != 0)) * 2 + (p != 0), weights=n, minlength=k * 4).astype(np.int64)
+    h = h.reshape(k, 2, 2)
+    out = {}
+    for i, name in enumerate(truth.names, start=1):
+        tp, fn = h[i, 1, 1], h[i, 1, 0]
+        fp = h[i, 0, 1] + h[0, :, 1].sum()  # predicted where the truth is this class's background, or nothing
+        out[name] = PixelScores.from_counts(tp, fp, fn)
+    return out
 
 
 def evaluate(
@@ -109,12 +185,17 @@ def evaluate(
     iou_threshold: float = 0.5,
     crops: bool = False,
     shape: tuple[int, int] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> dict:
-    """Compare two files, or two folders (or a folder and a COCO file) matched by file stem."""
+    """Compare two files, or two folders (or a folder and a COCO file) matched by file stem.
+
+    What reading the files repaired or skipped (a feature without geometry, a polygon
+    made valid) is listed under "notes" and passed, line by line, to `on_note`.
+    """
     pred, truth = Path(pred), Path(truth)
     for p in (pred, truth):
-        if not p.exists():
-            raise EvaluationError(f"{p}: no such file or directory")
+        if problem := path_problem(p):
+            raise EvaluationError(f"{p}: {problem}")
     preds, truths = _sources(pred), _sources(truth)
     if _single(pred) and _single(truth) and len(preds) == len(truths) == 1:
         pairs = [(truth.stem, next(iter(preds.values())), next(iter(truths.values())))]
@@ -126,16 +207,26 @@ def evaluate(
                 "no file stem in common"
             )
         pairs = [(name, preds[name], truths[name]) for name in common]
-    rows = []
+    rows, notes = [], []
     for name, p_source, t_source in pairs:
         if shape is None and not t_source.sized and p_source.sized:  # polygons take the size of the label image
             p_labels = p_source.load(None)
-            t_labels = t_source.load(p_labels.instances.shape)
+            t_labels = t_source.load(p_labels.shape)
         else:
             t_labels = t_source.load(shape)
-            p_labels = p_source.load(t_labels.instances.shape)
+            p_labels = p_source.load(t_labels.shape)
+        for note in (*p_labels.notes, *t_labels.notes):
+            if note not in notes:
+                notes.append(note)
+                if on_note is not None:
+                    on_note(note)
         rows.append(evaluate_pair(p_labels, t_labels, iou_threshold=iou_threshold, crops=crops, name=name))
-    return {"images": rows, "summary": summarize(rows, SUMMARY_KEYS), "iou_threshold": iou_threshold}
+    return {
+        "images": rows,
+        "summary": summarize(rows, SUMMARY_KEYS),
+        "iou_threshold": iou_threshold,
+        "notes": notes,
+    }
 
 
 def _single(path: Path) -> bool:
@@ -175,7 +266,7 @@ def _sources(path: Path) -> dict[str, Source]:
             data = load_json(f)
             if is_coco(data):
                 for name, entry in coco_from_data(data, f).items():
-                    add(Path(name).stem, Source(partial(_coco_labels, entry), True, f))
+                    add(Path(name).stem, Source(partial(_coco_labels, entry, f), True, f))
             else:
                 add(image_stem(f.stem), Source(partial(_polygon_labels, geojson_from_data(data, f), f), False, f))
             continue
@@ -189,7 +280,8 @@ def _named_as_labels(path: Path) -> bool:
     return image_stem(stem) != stem
 
 
-def _coco_labels(entry, _shape) -> Labels:
+def _coco_labels(entry, file: Path, _shape) -> Labels:
     """A COCO image knows its own size."""
     require_inside(entry.annotations, (entry.height, entry.width), entry.file_name)
-    return _rasterized(entry.annotations, (entry.height, entry.width))
+    notes = reading_notes(f"{file} ({entry.file_name})", entry.annotations.warnings)
+    return _rasterized(entry.annotations, (entry.height, entry.width), notes)
