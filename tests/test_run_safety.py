@@ -284,6 +284,7 @@ def test_resume_after_a_kill_while_the_finished_store_was_being_removed(checkpoi
 
     out = tmp_path / "cmu.geojson"
     args = ["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "0,0,600,600"]
+
     class KilledWhileRemoving:  # output.py's shutil, whose rmtree of the finished store is interrupted
         def __getattr__(self, name):
             return getattr(shutil, name)
@@ -331,3 +332,41 @@ def test_threshold_bounds_are_the_librarys_and_abbreviated_region_takes_negative
     assert "must be in (0, 1), not 1" in _one_line(capsys.readouterr().err)
     assert main(["segment", "S", "--model", "m", "--out", "o.zarr", "--reg", "-5,-5,10,10"]) == 2
     assert "no such file" in _one_line(capsys.readouterr().err)  # parsed: the slide S is what is missing
+
+
+def test_a_symbolic_link_loop_is_named_as_one_by_every_reader(tmp_path, capsys):
+    loop = tmp_path / "loop.geojson"
+    loop.symlink_to(loop)
+    for argv in (
+        ["evaluate", "--pred", str(loop), "--truth", str(loop), "--shape", "10,10"],
+        ["export", str(loop), "--to", "coco", "--out", str(tmp_path / "out.json")],
+        ["info", str(loop)],
+    ):
+        assert main(argv) == 2
+        assert "symbolic link loop" in _one_line(capsys.readouterr().err), argv
+
+
+def test_features_without_geometry_are_skipped_with_a_note_on_stderr(tmp_path, capsys):
+    square = {"type": "Polygon", "coordinates": [[[10, 10], [40, 10], [40, 40], [10, 40], [10, 10]]]}
+    features = [
+        {"type": "Feature", "geometry": None, "properties": {}},
+        {"type": "Feature", "geometry": square, "properties": {"objectType": "annotation"}},
+    ]
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    assert main(["evaluate", "--pred", str(path), "--truth", str(path), "--shape", "64,64", "--json"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("nephro: note:")]
+    assert notes and all("without geometry" in n for n in notes) and "Traceback" not in captured.err
+    report = json.loads(captured.out)
+    assert report["images"][0]["n_true"] == 1 and report["images"][0]["f1"] == 1
+
+
+def test_a_prompt_index_nested_too_deep_is_one_line(tmp_path, capsys):
+    from napari_nephro.prompts import PromptSet
+
+    folder = tmp_path / "set"
+    PromptSet(["normal"]).save(folder)
+    (folder / "prompts.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert main(["prompts", "list", str(folder)]) == 2
+    assert "prompts.json" in _one_line(capsys.readouterr().err)

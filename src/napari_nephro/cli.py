@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._json import JSONFileError
 from .annotations import AnnotationError
 from .inference.errors import SegmentError
 from .io import SlideError, open_slide
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         SegmentError,
         TrainingError,
         PromptError,
+        JSONFileError,
         UserError,
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
@@ -427,7 +429,7 @@ def cmd_prompts_add(args: argparse.Namespace) -> int:
         image_mpp=args.image_mpp,
     )
     for note in result.skipped:
-        print(f"nephro: note: {note}", file=sys.stderr)
+        _note(note)
     print(f"{result.folder}: {len(result.added)} examples added; {result.prompts.describe()}")
     return 0
 
@@ -563,7 +565,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if shape is None and args.slide:
         with open_slide(args.slide) as slide:
             shape = slide.level_shapes[0]
-    report = evaluate(args.pred, args.truth, iou_threshold=args.iou, crops=args.per_crop, shape=shape)
+    report = evaluate(args.pred, args.truth, iou_threshold=args.iou, crops=args.per_crop, shape=shape, on_note=_note)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -611,10 +613,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             keep=args.keep,
             values=args.values,
             progress=progress,
+            on_note=_note,
         )
     for path in written:
         print(path)
     return 0
+
+
+def _note(message: str) -> None:
+    """Something the user should know that is not an error: a feature skipped, an object left out."""
+    print(f"nephro: note: {message}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ the asked-for file (OME-Zarr pyramid, label TIFF or GeoJSON) under its real name
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .._atomic import atomic_output
+from .._json import JSONFileError, read_json
 from .errors import SegmentError
 from .stitch import to_labels
 
@@ -109,8 +109,8 @@ def _difference(key: str, was, now) -> str:
 def _run_record(partial: Path) -> dict:
     """The run record of a partial store, or {} when it has none that can be read."""
     try:
-        record = json.loads((partial / ".zattrs").read_text())[RUN_KEY]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        record = read_json(partial / ".zattrs")[RUN_KEY]
+    except (JSONFileError, KeyError, TypeError):
         return {}
     return record if isinstance(record, dict) else {}
 

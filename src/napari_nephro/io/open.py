@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
+from .._paths import path_problem
 from .backend import Backend
 from .cache import DEFAULT_CACHE_BYTES
 from .errors import SlideError
@@ -59,26 +59,6 @@ def _resolve(path: Path) -> Path:
     if path.stat().st_size == 0:
         raise SlideError(path, "the file is empty (0 bytes)")
     return path
-
-
-def path_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why `path` cannot be opened at all, in words (None when it exists).
-
-    `Path.exists()` is False for a symbolic link loop as for a missing file, so a loop
-    would read as "no such file"; `os.stat` tells them apart (ELOOP). Other failures
-    (no permission on a folder above it, a dead network share) are the system's words.
-    """
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "is a symbolic link loop (a link that points, in the end, back to itself)"
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return "no such file or directory"
-        return exc.strerror or str(exc)
-    except ValueError as exc:  # a NUL byte in the name
-        return f"is not a valid path ({exc})"
-    return None
 
 
 def _slide_in_directory(folder: Path) -> Path:

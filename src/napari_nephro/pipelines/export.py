@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_output
+from .._limits import mpp_problem, tile_problem
+from .._paths import path_problem
 from ..annotations import (
     AnnotationSet,
     ArrayLabels,
@@ -35,7 +37,7 @@ from ..annotations import (
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, image_stem, read_label_file
-from ..annotations.model import require_inside
+from ..annotations.model import reading_notes, require_inside
 from ..io import SLIDE_EXTENSIONS, Slide, can_open, open_slide
 from ..tiling import read_scaled, tile_grid, tissue_fraction
 
@@ -69,11 +71,20 @@ class Item:
         return self.annotations
 
 
-def load_items(source: str | os.PathLike[str], slide: str | os.PathLike[str] | None = None) -> list[Item]:
-    """Every image's annotations in a file or folder, each matched with its image when `slide` is given."""
+def load_items(
+    source: str | os.PathLike[str],
+    slide: str | os.PathLike[str] | None = None,
+    *,
+    on_note: Callable[[str], None] | None = None,
+) -> list[Item]:
+    """Every image's annotations in a file or folder, each matched with its image when `slide` is given.
+
+    What reading repaired or skipped (a feature without geometry, a polygon made
+    valid) goes to `on_note`, a few lines per file.
+    """
     source = Path(source)
-    if not source.exists():
-        raise ExportError(f"{source}: no such file or folder")
+    if problem := path_problem(source):
+        raise ExportError(f"{source}: {problem}")
     if source.is_dir() and source.suffix.lower() != ".zarr":
         files = sorted(p for p in source.iterdir() if _is_annotation_file(p))
         if not files:
@@ -81,6 +92,12 @@ def load_items(source: str | os.PathLike[str], slide: str | os.PathLike[str] | N
         items = [item for f in files for item in _items_of(f)]
     else:
         items = _items_of(source)
+    if on_note is not None:
+        for item in items:
+            if item.annotations is not None:
+                where = f"{item.source} ({item.file_name})" if item.file_name else str(item.source)
+                for note in reading_notes(where, item.annotations.warnings):
+                    on_note(note)
     names = [i.name for i in items]
     if len(set(names)) != len(names):
         raise ExportError(f"{source}: several images share a file stem; each output is named after it")
@@ -163,11 +180,15 @@ def export(
     keep: str = "tissue",
     values: str = "class",
     progress: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Convert `source` to format `to` under `out`; returns the files written."""
+    """Convert `source` to format `to` under `out`; returns the files written.
+
+    What reading the input repaired or skipped is passed, line by line, to `on_note`.
+    """
     if to not in FORMATS:
         raise ExportError(f"unknown format {to!r}: choose one of {', '.join(FORMATS)}")
-    items = load_items(source, slide)
+    items = load_items(source, slide, on_note=on_note)
     out = Path(out)
     if to == "tiles":
         return [
@@ -254,6 +275,9 @@ def export_tile_dataset(
         raise ExportError(f"values must be 'class' or 'instance', not {values!r}")
     if tile <= 0 or not 0 <= overlap < tile:
         raise ExportError(f"tile must be positive and overlap smaller than the tile (tile {tile}, overlap {overlap})")
+    problem = tile_problem(tile) or (mpp_problem(mpp) if mpp is not None else None)
+    if problem:
+        raise ExportError(problem)
     missing = [i.name for i in items if i.image is None]
     if missing:
         raise ExportError(f"a tile dataset needs the images: none found for {', '.join(missing[:3])} (give --slide)")
@@ -285,7 +309,10 @@ def _grid(item: Item, tile: int, overlap: int, mpp: float | None):
         raise ExportError(f"{item.name}: the image's pixel size is unknown, so it cannot be cut at {mpp} um/px")
     scale = mpp / item.mpp if mpp is not None else 1.0
     h, w = item.shape
-    return tile_grid((0, 0, w, h), tile=tile, overlap=overlap, scale=scale), scale
+    try:
+        return tile_grid((0, 0, w, h), tile=tile, overlap=overlap, scale=scale), scale
+    except ValueError as exc:  # absurdly many tiles
+        raise ExportError(f"{item.name}: {exc}") from None
 
 
 def _with_classes(annotations: AnnotationSet, classes: list[str]) -> AnnotationSet:

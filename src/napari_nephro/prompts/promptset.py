@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_output
+from .._json import read_json
 from .._limits import mpp_problem, tile_problem
 from ..annotations.colors import class_color
 from .errors import PromptError
@@ -214,7 +215,7 @@ class PromptSet:
         if not index_path.is_file():
             raise PromptError(f"{folder}: not a prompt set (no {INDEX}); make one with `nephro prompts add`")
         try:
-            index = json.loads(index_path.read_text())
+            index = read_json(index_path, error=PromptError)
             version = int(index.get("version", VERSION))
             prompts = cls(list(index["classes"]), float(index["mpp"]), int(index["size"]))
             entries = list(index["examples"])
