@@ -370,3 +370,15 @@ def test_a_prompt_index_nested_too_deep_is_one_line(tmp_path, capsys):
     (folder / "prompts.json").write_text("[" * 200_000 + "]" * 200_000)
     assert main(["prompts", "list", str(folder)]) == 2
     assert "prompts.json" in _one_line(capsys.readouterr().err)
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(cmu):
+    run = subprocess.Popen(
+        [sys.executable, "-m", "napari_nephro.cli", "info", str(cmu), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run.stdout.close()  # like `| head`, gone before anything is written
+    assert run.wait() == 141
+    assert run.stderr.read() == ""

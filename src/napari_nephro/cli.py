@@ -55,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `nephro info slide | head`: the reader has what it wanted; say nothing
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + 13  # what a program killed by SIGPIPE returns
     except OSError as exc:  # a folder that is a file, no permission, a full disk: the system's words, one line
         print(f"nephro: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
