@@ -382,3 +382,54 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(cmu):
     run.stdout.close()  # like `| head`, gone before anything is written
     assert run.wait() == 141
     assert run.stderr.read() == ""
+
+
+def test_mistakes_that_do_not_depend_on_the_model_are_refused_before_it_loads(cmu, tmp_path, capsys, monkeypatch):
+    from napari_nephro.models import TorchSegmenter
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(TorchSegmenter, "from_checkpoint", classmethod(never))
+    png = tmp_path / "plain.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(png)
+    for argv, reason in (
+        (["segment", str(png), "--model", "default", "--out", str(tmp_path / "a.zarr")], "pixel size is unknown"),
+        (
+            [
+                "segment",
+                str(cmu),
+                "--model",
+                "default",
+                "--region",
+                "9000,9000,10,10",
+                "--out",
+                str(tmp_path / "b.zarr"),
+            ],
+            "outside",
+        ),
+    ):
+        assert main(argv) == 2
+        assert reason in _one_line(capsys.readouterr().err)
+
+
+def test_a_mistyped_model_name_is_pointed_to_the_shipped_one(cmu, tmp_path, capsys):
+    assert main(["segment", str(cmu), "--model", "defualt", "--out", str(tmp_path / "a.zarr")]) == 2
+    assert "did you mean 'default'?" in _one_line(capsys.readouterr().err)
+
+
+def test_export_cuts_images_without_a_pixel_size_at_the_one_given(tmp_path, capsys):
+    data = require_shared(*BUPT)
+    args = ["export", str(data / "annotations.json"), "--slide", str(data / "images"), "--to", "tiles"]
+    args += ["--mpp", "2", "--tile", "256", "--overlap", "0", "--keep", "objects"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "pixel size is unknown" in _one_line(capsys.readouterr().err)
+    assert main([*args, "--out", str(tmp_path / "b"), "--image-mpp", "0.5"]) == 0
+    index = json.loads((tmp_path / "b" / "dataset.json").read_text())
+    assert index["mpp"] == 2 and {s["mpp"] for s in index["sources"]} == {0.5}
+    from PIL import Image
+
+    first = sorted((tmp_path / "b" / "images").iterdir())[0]
+    assert Image.open(first).size == (256, 256)  # 1360 x 1024 images at 0.5 um/px cut at 2 um/px: a quarter

@@ -159,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, type=Path, help="output file, or folder for several images and for tiles")
     ex.add_argument("--slide", help="the slide or image annotated, or a folder of images matched by file stem")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ex.add_argument("--image-mpp", type=POSITIVE, help="micrometres per pixel of images that do not say")
     tiles = ex.add_argument_group("tile datasets (--to tiles)")
     tiles.add_argument("--tile", type=int, default=1024, help="tile size in pixels at --mpp (default 1024)")
     tiles.add_argument("--overlap", type=int, default=256, help="overlap between tiles in pixels (default 256)")
@@ -333,6 +334,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"{args.out}: the run is already complete; nothing to resume")
         return 0
     slide = open_slide(args.slide, mpp=args.mpp)
+    from .inference.plan import check_region, slide_mpp
+
+    slide_mpp(slide)  # what can be refused without the model is refused before its seconds of loading
+    check_region(slide, args.region)
     segmenter = _segmenter(args)
     _announce_cost(slide, segmenter, args)
     try:
@@ -618,6 +623,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             values=args.values,
             progress=progress,
             on_note=_note,
+            image_mpp=args.image_mpp,
         )
     for path in written:
         print(path)

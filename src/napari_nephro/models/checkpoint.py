@@ -28,6 +28,18 @@ def resolve_checkpoint(name: str | os.PathLike[str]) -> Path:
     return Path(name)
 
 
+def _hint(name: Path) -> str:
+    """For a mistyped model name (`defualt`): the names that exist without a folder."""
+    import difflib
+
+    if len(name.parts) > 1:
+        return ""  # a path the user meant as a folder
+    close = difflib.get_close_matches(str(name).lower(), [DEFAULT, "seggpt"], n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?" + (" (the shipped model)" if close[0] == DEFAULT else "")
+    return f"; {DEFAULT!r} names the shipped model"
+
+
 def save_checkpoint(
     network: nn.Module,
     config: ModelConfig,
@@ -74,7 +86,7 @@ def load_checkpoint(
 
     folder = resolve_checkpoint(folder)
     if not folder.is_dir():
-        raise ModelError(f"{folder}: no such checkpoint folder (it holds {CONFIG} and {WEIGHTS})")
+        raise ModelError(f"{folder}: no such checkpoint folder (it holds {CONFIG} and {WEIGHTS}){_hint(folder)}")
     config = ModelConfig.from_file(folder / CONFIG)
     weights = folder / WEIGHTS
     if not weights.is_file():

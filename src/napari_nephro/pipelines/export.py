@@ -181,14 +181,21 @@ def export(
     values: str = "class",
     progress: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    image_mpp: float | None = None,
 ) -> list[Path]:
     """Convert `source` to format `to` under `out`; returns the files written.
 
     What reading the input repaired or skipped is passed, line by line, to `on_note`.
+    `image_mpp` is the pixel size of images that do not say (plain PNG / JPEG), so
+    they can be cut at `mpp`; a file's own pixel size wins.
     """
     if to not in FORMATS:
         raise ExportError(f"unknown format {to!r}: choose one of {', '.join(FORMATS)}")
+    if image_mpp is not None and (problem := mpp_problem(image_mpp, "images")):
+        raise ExportError(problem)
     items = load_items(source, slide, on_note=on_note)
+    for item in items:
+        item.mpp = item.mpp or image_mpp
     out = Path(out)
     if to == "tiles":
         return [
