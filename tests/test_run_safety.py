@@ -433,3 +433,23 @@ def test_export_cuts_images_without_a_pixel_size_at_the_one_given(tmp_path, caps
 
     first = sorted((tmp_path / "b" / "images").iterdir())[0]
     assert Image.open(first).size == (256, 256)  # 1360 x 1024 images at 0.5 um/px cut at 2 um/px: a quarter
+
+
+def test_a_prediction_without_classes_is_not_scored_on_classes_the_image_lacks(tmp_path, capsys):
+    import tifffile
+
+    square = [10, 10, 40, 10, 40, 40, 10, 40]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "normal"}, {"id": 2, "name": "global sclerosis"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square], "iscrowd": 0}],
+    }
+    (tmp_path / "truth.json").write_text(json.dumps(coco))
+    pred = np.zeros((64, 64), np.uint8)
+    pred[10:40, 10:40] = 1
+    pred[50:60, 50:60] = 1  # a false positive
+    tifffile.imwrite(tmp_path / "a.tif", pred)
+    assert main(["evaluate", "--pred", str(tmp_path / "a.tif"), "--truth", str(tmp_path / "truth.json"), "--json"]) == 0
+    per_class = json.loads(capsys.readouterr().out)["images"][0]["per_class"]
+    assert 0.8 < per_class["normal"]["dice"] < 1
+    assert per_class["global sclerosis"]["dice"] is None  # absent: '-', not 0.000

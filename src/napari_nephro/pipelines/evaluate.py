@@ -174,7 +174,10 @@ def _class_scores(pairs: PairCounts, pred: Labels, truth: Labels) -> dict[str, P
     for i, name in enumerate(truth.names, start=1):
         tp, fn = h[i, 1, 1], h[i, 1, 0]
         fp = h[i, 0, 1] + h[0, :, 1].sum()  # predicted where the truth is this class's background, or nothing
-        out[name] = PixelScores.from_counts(tp, fp, fn)
+        if tp + fn == 0:  # a class this image lacks: a prediction without classes cannot be wrong about it
+            out[name] = PixelScores(0, int(fp), 0, None, None)
+        else:
+            out[name] = PixelScores.from_counts(tp, fp, fn)
     return out
 
 
