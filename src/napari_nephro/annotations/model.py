@@ -56,7 +56,6 @@ class AnnotationSet:
                 seen.append(a.label)
         self.classes = seen
         self._index = None
-        self._rings: dict[int, tuple] = {}  # position -> (geometry, its rings): large outlines, read once
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -91,31 +90,16 @@ class AnnotationSet:
             tree = self._index[1]
         return np.sort(tree.query(shapely.box(x0, y0, x1, y1)))
 
-    def rings(self, position: int) -> list[list[np.ndarray]]:
-        """Each polygon part's rings (exterior first) as (n, 2) arrays of level-0 (x, y).
 
-        Outlines of many vertices are kept, so drawing a slide tile by tile reads them once.
-        """
-        ann = self.annotations[position]
-        cached = self._rings.get(position)
-        if cached is not None and cached[0] is ann.geometry:
-            return cached[1]
-        parts = [[np.asarray(r.coords, np.float64) for r in (p.exterior, *p.interiors)] for p in ann.polygons()]
-        if shapely.get_num_coordinates(ann.geometry) >= LARGE_OUTLINE:
-            self._rings[position] = (ann.geometry, parts)
-        return parts
-
-
-LARGE_OUTLINE = 10_000  # vertices
 NOTES_PER_FILE = 5
 
 
-def reading_notes(where, warnings: Iterable[str], limit: int = NOTES_PER_FILE) -> list[str]:
-    """What reading a file repaired or skipped, one line each as `where: warning`, at most `limit` + a count."""
+def reading_notes(where, warnings: Iterable[str]) -> list[str]:
+    """What reading a file repaired or skipped, one line each as `where: warning`, at most NOTES_PER_FILE + a count."""
     warnings = list(warnings)
-    notes = [f"{where}: {w}" for w in warnings[:limit]]
-    if len(warnings) > limit:
-        notes.append(f"{where}: {len(warnings) - limit} more notes like these")
+    notes = [f"{where}: {w}" for w in warnings[:NOTES_PER_FILE]]
+    if len(warnings) > NOTES_PER_FILE:
+        notes.append(f"{where}: {len(warnings) - NOTES_PER_FILE} more notes like these")
     return notes
 
 

@@ -43,18 +43,33 @@ def rasterize(
     region = (x0, y0, x0 + w * downsample, y0 + h * downsample)
     for position in annotations.indices_in(*region):
         index, ann = int(position) + 1, annotations[int(position)]
-        bx0, by0, bx1, by1 = ((b - o) / downsample - 0.5 for b, o in zip(ann.bounds, (x0, y0, x0, y0), strict=True))
-        cx0, cy0 = max(0, int(np.floor(bx0))), max(0, int(np.floor(by0)))
-        cx1, cy1 = min(w, int(np.ceil(bx1)) + 1), min(h, int(np.ceil(by1)) + 1)
-        if cx1 <= cx0 or cy1 <= cy0:
+        box = _window(ann.bounds, origin, downsample, shape)
+        if box is None:
             continue
-        crop = (cy1 - cy0, cx1 - cx0)
-        mask = np.zeros(crop, bool)
-        for rings in annotations.rings(int(position)):
-            mask |= _closed_fill(*_edges(rings, (x0, y0), downsample, (cx0, cy0), crop[0]), crop)
+        cx0, cy0, cx1, cy1 = box
+        mask = np.zeros((cy1 - cy0, cx1 - cx0), bool)
+        for part in ann.polygons():  # each part filled in its own window: many small parts cost their own size
+            window = _window(part.bounds, origin, downsample, shape)
+            if window is None:
+                continue
+            px0, py0, px1, py1 = window
+            rings = [np.asarray(r.coords, np.float64) for r in (part.exterior, *part.interiors)]
+            size = (py1 - py0, px1 - px0)
+            mask[py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0] |= _closed_fill(
+                *_edges(rings, origin, downsample, (px0, py0), size[0]), size
+            )
         value = index if values == "instance" else annotations.class_id(ann.label)
         np.copyto(out[cy0:cy1, cx0:cx1], value, where=mask, casting="unsafe")
     return out
+
+
+def _window(bounds, origin, downsample: float, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The raster pixels (x0, y0, x1, y1) whose centres a level-0 bounding box can hold, clipped to `shape`."""
+    x0, y0 = origin
+    bx0, by0, bx1, by1 = ((b - o) / downsample - 0.5 for b, o in zip(bounds, (x0, y0, x0, y0), strict=True))
+    cx0, cy0 = max(0, int(np.floor(bx0))), max(0, int(np.floor(by0)))
+    cx1, cy1 = min(shape[1], int(np.ceil(bx1)) + 1), min(shape[0], int(np.ceil(by1)) + 1)
+    return None if cx1 <= cx0 or cy1 <= cy0 else (cx0, cy0, cx1, cy1)
 
 
 def _centres(coords, origin, downsample, crop) -> np.ndarray:
@@ -71,10 +86,7 @@ def _edges(rings: list[np.ndarray], origin, downsample: float, crop, rows: int):
     lo, hi = origin[1] + (crop[1] - 1) * downsample, origin[1] + (crop[1] + rows + 1) * downsample
     starts, ends, holes = [], [], []
     for k, ring in enumerate(rings):
-        ring = np.asarray(ring, np.float64)
-        if len(ring) and (ring[0] != ring[-1]).any():
-            ring = np.vstack([ring, ring[:1]])  # closed
-        a, b = ring[:-1], ring[1:]
+        a, b = ring[:-1], ring[1:]  # shapely's rings are closed
         if len(a) > 64:
             keep = (np.maximum(a[:, 1], b[:, 1]) >= lo) & (np.minimum(a[:, 1], b[:, 1]) <= hi)
             a, b = a[keep], b[keep]

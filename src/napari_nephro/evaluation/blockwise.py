@@ -9,7 +9,6 @@ the blocking, so the results equal those of one pass over the whole image.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -37,24 +36,15 @@ def workers() -> int:
 
 
 def parallel_map(func: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:
-    """`map(func, items)` on a few threads, in order, with at most 2 x threads blocks in flight (bounded memory)."""
+    """`map(func, items)` on a few threads, in order. Each call reads its own block, so `threads` blocks
+    are held at a time; what the calls return (counts, boxes) is small."""
     threads = workers() if threads is None else threads
     items = list(items)
     if threads <= 1 or len(items) <= 1:
         yield from map(func, items)
         return
     with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(func, item))
-                if len(pending) >= 2 * threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from pool.map(func, items)
 
 
 def read_block(array, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:

@@ -17,10 +17,10 @@ import numpy as np
 
 from .._atomic import atomic_output
 from .._json import JSONFileError, read_json
+from ..annotations.omezarr import RUN_KEY  # where a run records its progress, read by the readers too
 from .errors import SegmentError
 from .stitch import to_labels
 
-RUN_KEY = "napari-nephro-run"
 OUTPUT_SUFFIXES = (".zarr", ".tif", ".tiff", ".geojson")
 CHUNK = 1024  # chunk side; up to this many rows per level are buffered before a write
 
@@ -74,7 +74,7 @@ def check_output(out: Path, *, overwrite: bool, resume: bool, locked: bool = Fal
     nothing unfinished is (a run killed just after it finished); there is nothing to do.
     `locked`: the caller holds the output's lock (else another holder is refused).
     """
-    from .._lock import holder
+    from .._lock import Locked, holder
 
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise SegmentError(f"{out}: the output must end in .zarr (OME-Zarr labels), .tif or .geojson")
@@ -82,7 +82,7 @@ def check_output(out: Path, *, overwrite: bool, resume: bool, locked: bool = Fal
         raise SegmentError(f"{out}: folder {out.parent} does not exist")
     owner = None if locked else holder(out)
     if owner is not None:
-        raise SegmentError(f"{out}: another nephro run ({owner}) is writing it; wait for it to end, or stop it first")
+        raise SegmentError(str(Locked(out, owner)))
     partial = partial_path(out)
     if resume and out.exists() and partial.exists() and _run_record(partial).get("complete") is True:
         shutil.rmtree(partial, ignore_errors=True)  # killed while removing the store after writing `out`
