@@ -258,6 +258,9 @@ def test_read_scaled_reads_a_large_level_block_by_block(tmp_path, monkeypatch):
     slide = open_slide(path, cache_bytes=0)
     monkeypatch.setattr(tiling, "READ_BLOCK_PIXELS", 2**20)
     monkeypatch.setattr(tiling, "REDUCE_BLOCK_PIXELS", 2**19)
+    reads = []
+    real_region = slide.region
+    monkeypatch.setattr(slide, "region", lambda level, box: reads.append(box) or real_region(level, box))
     tracemalloc.start()
     try:
         thumb = read_scaled(slide, (0, 0, 6000, 6000), (200, 200))
@@ -266,6 +269,10 @@ def test_read_scaled_reads_a_large_level_block_by_block(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert thumb.shape == (200, 200, 3) and (thumb == 255).all()
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    # every pixel of the level was read (white because the file is white, not because nothing was read),
+    # in blocks of at most a band of whole tiles
+    assert sum(w * h for _, _, w, h in reads) == 6000 * 6000
+    assert max(w * h for _, _, w, h in reads) <= max(2**19, 512 * 6000)
 
 
 def test_read_scaled_allocates_nothing_for_a_box_mostly_off_the_slide(tmp_path):

@@ -52,24 +52,27 @@ def tile_grid(
         raise ValueError(f"tile must be positive and overlap in [0, tile), got tile={tile} overlap={overlap}")
     x0, y0, w, h = region
     size, stride = tile * scale, (tile - overlap) * scale
-    count = _count(w, size, stride) * _count(h, size, stride)
-    if count > MAX_GRID_TILES:
-        raise ValueError(
-            f"{count:.3g} tiles of {tile} px (overlap {overlap}) would cover this area: at most "
+    nx, ny = _count(w, size, stride), _count(h, size, stride)
+    if nx * ny > MAX_GRID_TILES:
+        raise GridError(
+            f"{nx * ny:.3g} tiles of {tile} px (overlap {overlap}) would cover this area: at most "
             f"{MAX_GRID_TILES:,} in one run; use larger tiles, a coarser pixel size or a smaller region"
         )
-    xs, ys = _starts(x0, w, size, stride), _starts(y0, h, size, stride)
+    xs, ys = _starts(x0, w, size, stride, nx), _starts(y0, h, size, stride, ny)
     return [Tile(x, y, size, size) for y in ys for x in xs]
+
+
+class GridError(ValueError):
+    """A grid of absurdly many tiles (a user's scale or tile size), refused before it is laid: one line."""
 
 
 def _count(length: float, size: float, stride: float) -> int:
     return 1 if length <= size else math.ceil((length - size) / stride) + 1
 
 
-def _starts(origin: float, length: float, size: float, stride: float) -> list[float]:
-    if length <= size:
+def _starts(origin: float, length: float, size: float, stride: float, count: int) -> list[float]:
+    if count == 1:
         return [origin]
-    count = _count(length, size, stride)
     starts = [origin + i * stride for i in range(count)]
     starts[-1] = origin + length - size
     return starts
@@ -102,21 +105,24 @@ def read_scaled(slide: Slide, box: tuple[float, float, float, float], size: tupl
     level = best_level(slide, w / width)
     ds = slide.level_downsamples[level]
     lh, lw = slide.level_shapes[level]
-    out = np.full((height, width, 3), BACKGROUND, np.uint8)
     # the box in the level's pixels, and the size of one output pixel there
     rows = _Axis(y / ds, h / ds / height, height, lh)
     cols = _Axis(x / ds, w / ds / width, width, lw)
     if not (rows.touched and cols.touched):
-        return out  # the box lies wholly off the slide
+        return np.full((height, width, 3), BACKGROUND, np.uint8)  # the box lies wholly off the slide
     (i0, i1), (j0, j1) = rows.touched, cols.touched
     (b0, b1), (c0, c1) = rows.buffer, cols.buffer
     buffer_pixels = (b1 - b0) * (c1 - c0)
     on_slide = rows.on_slide * cols.on_slide
     direct = rows.step < 1 or cols.step < 1  # enlarging: the buffer is smaller than the output
     if direct or (buffer_pixels <= READ_BLOCK_PIXELS and buffer_pixels - on_slide <= READ_MARGIN_PIXELS):
-        out[i0:i1, j0:j1] = _resample_direct(slide, level, rows, cols)
+        part = _resample_direct(slide, level, rows, cols)
     else:
-        out[i0:i1, j0:j1] = _reduce_blockwise(slide, level, rows, cols)
+        part = _reduce_blockwise(slide, level, rows, cols)
+    if (i0, i1, j0, j1) == (0, height, 0, width):
+        return part  # every output pixel touches the slide: the usual tile, no white frame to lay it in
+    out = np.full((height, width, 3), BACKGROUND, np.uint8)
+    out[i0:i1, j0:j1] = part
     return out
 
 
@@ -162,10 +168,13 @@ def _resample_direct(slide: Slide, level: int, rows: _Axis, cols: _Axis) -> np.n
     """The touched output pixels through Pillow, from one buffer: the slide's pixels and a white margin."""
     (b0, b1), (c0, c1) = rows.buffer, cols.buffer
     lh, lw = rows.length, cols.length
-    buffer = np.full((b1 - b0, c1 - c0, 3), BACKGROUND, np.uint8)
     sy0, sy1, sx0, sx1 = max(b0, 0), min(b1, lh), max(c0, 0), min(c1, lw)
-    if sy1 > sy0 and sx1 > sx0:
-        buffer[sy0 - b0 : sy1 - b0, sx0 - c0 : sx1 - c0] = slide.region(level, (sx0, sy0, sx1 - sx0, sy1 - sy0))
+    if (sy0, sy1, sx0, sx1) == (b0, b1, c0, c1):  # wholly on the slide: no white margin to add
+        buffer = np.asarray(slide.region(level, (c0, b0, c1 - c0, b1 - b0)))
+    else:
+        buffer = np.full((b1 - b0, c1 - c0, 3), BACKGROUND, np.uint8)
+        if sy1 > sy0 and sx1 > sx0:
+            buffer[sy0 - b0 : sy1 - b0, sx0 - c0 : sx1 - c0] = slide.region(level, (sx0, sy0, sx1 - sx0, sy1 - sy0))
     (i0, i1), (j0, j1) = rows.touched, cols.touched
     (ya, yb), (xa, xb) = rows.relative_box(), cols.relative_box()
     if (i1 - i0, j1 - j0) == buffer.shape[:2] and (xa, ya, xb, yb) == (0, 0, buffer.shape[1], buffer.shape[0]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from .backend import PLAUSIBLE_MPP, Backend, check_geometry
+from .backend import PLAUSIBLE_MPP, Backend, plausible_mpp
 from .cache import DEFAULT_CACHE_BYTES, TileCache
 from .errors import SlideError
 
@@ -46,7 +45,6 @@ class Slide:
     ):
         self.path = path  # the file the backend opened
         self.source = source or path  # what the user asked for: a file, or a DICOM folder
-        check_geometry(path, list(backend.level_shapes), list(backend.tile_shapes))  # each backend checks it too
         self._backend = backend
         self.cache = TileCache(cache_bytes)
         self._mpp_override = _valid_mpp(path, mpp) if mpp is not None else None
@@ -255,19 +253,11 @@ def _valid_mpp(path: Path, mpp: float) -> float:
 
     `--mpp 1e-9` on a PNG would make every later step ask for a tile grid of astronomic size.
     """
-    lo, hi = PLAUSIBLE_MPP
     try:
-        value = float(mpp)
+        value = plausible_mpp(float(mpp))
     except (TypeError, ValueError):
-        raise SlideError(
-            path, f"pixel size {mpp!r} is not a number (give it in um/px, from {lo:g} to {hi:g})"
-        ) from None
-    if not (math.isfinite(value) and value > 0):
-        raise SlideError(
-            path, f"pixel size {mpp!r} um/px is not a positive size (give one from {lo:g} to {hi:g} um/px)"
-        )
-    if not lo <= value <= hi:
-        raise SlideError(
-            path, f"pixel size {value:g} um/px is implausible for a microscope: give one from {lo:g} to {hi:g} um/px"
-        )
+        value = None
+    if value is None:  # not a number, not finite, or no microscope's
+        lo, hi = PLAUSIBLE_MPP
+        raise SlideError(path, f"pixel size {mpp!r} um/px is not a microscope's: give one from {lo:g} to {hi:g} um/px")
     return value
