@@ -33,20 +33,18 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         _remove(tmp)
 
 
-def clean_stale(path: Path) -> list[Path]:
+def clean_stale(path: Path) -> None:
     """Remove what writers of `path` killed mid-write left beside it (`.NAME.HOST-PID.tmp` of dead processes).
 
     A kill between moving the old folder aside and the new one in leaves the old one
     as `.NAME.HOST-PID.old` and nothing at `path`: it is put back, not removed. Files
     of another host (a shared folder) are left alone: its processes cannot be seen here.
     """
-    path = Path(path)
-    cleaned = []
     prefix = f".{path.name}."
     try:
         siblings = list(path.parent.iterdir())
     except OSError:
-        return cleaned
+        return
     for other in siblings:
         name = other.name
         if not name.startswith(prefix) or not name.endswith((".tmp", ".old")):
@@ -58,8 +56,6 @@ def clean_stale(path: Path) -> list[Path]:
             os.replace(other, path)
         else:
             _remove(other)
-        cleaned.append(other)
-    return cleaned
 
 
 def _tag() -> str:

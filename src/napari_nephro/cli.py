@@ -24,7 +24,8 @@ from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
 from .prompts import PromptError
-from .training.errors import TrainingError
+from .tiling import GridError
+from .training.errors import TrainingError, state_dir
 
 EXIT_USAGE = 2
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainingError,
         PromptError,
         JSONFileError,
+        GridError,
         UserError,
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
@@ -314,12 +316,10 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _region(text: str) -> tuple[float, float, float, float]:
-    try:
-        x, y, w, h = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in level-0 pixels, got {text!r}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise argparse.ArgumentTypeError(f"X,Y,W,H must be finite numbers, got {text!r}")
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected X,Y,W,H in level-0 pixels, got {text!r}")
+    x, y, w, h = (_finite(v) for v in parts)
     return x, y, w, h
 
 
@@ -552,7 +552,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 on_epoch=on_epoch,
             )
     except KeyboardInterrupt:
-        if args.out.with_name(args.out.name + ".training").exists():
+        if state_dir(args.out).exists():
             print("nephro: interrupted; the finished epochs are kept: add --resume to finish", file=sys.stderr)
         else:
             print("nephro: interrupted before the first epoch ended; nothing was kept", file=sys.stderr)

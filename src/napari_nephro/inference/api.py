@@ -13,6 +13,7 @@ import numpy as np
 
 from .._lock import Locked, exclusive
 from ..io import Slide
+from ..tiling import best_level
 from .engine import Progress, RunStats, channels_of, check_memory, run_tiles
 from .errors import SegmentError
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
@@ -180,7 +181,7 @@ def _run_into_store(
             # a network's output changes in its last bits with the batch and the device: a resume with
             # other ones would join two slightly different runs
             "batch": batch_size,
-            "device": str(getattr(getattr(segmenter, "device", None), "type", getattr(segmenter, "device", None))),
+            "device": _device_name(segmenter),
         }
     )
     partial = partial_path(out)
@@ -218,10 +219,14 @@ def _run_into_store(
     return SlideResult(path, partial, rows, rows, stats)
 
 
+def _device_name(segmenter) -> str:
+    """'cpu', 'cuda', 'mps': a torch.device's type, or whatever the segmenter says it runs on."""
+    device = getattr(segmenter, "device", None)
+    return str(getattr(device, "type", device))
+
+
 def _level_ratio(slide: Slide, plan: Plan) -> float:
     """Pixels read at the slide level a tile comes from, per working pixel (1 when a level has the model's scale)."""
-    from ..tiling import best_level
-
     return plan.scale / slide.level_downsamples[best_level(slide, plan.scale)]
 
 

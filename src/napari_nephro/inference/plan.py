@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .._limits import MAX_TILE, mpp_problem
 from ..io import Slide
-from ..tiling import read_scaled, tile_grid, tissue_mask
+from ..tiling import GridError, read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError
 
 THUMBNAIL_SIDE = 2048  # the tissue map is read at most this large, from a coarse level
@@ -149,7 +149,7 @@ def make_plan(
     work_h, work_w = plan.work_shape
     try:
         grid = tile_grid((0, 0, work_w, work_h), tile=tile, overlap=overlap)
-    except ValueError as exc:
+    except GridError as exc:  # a run's mistakes are SegmentErrors, which the widgets show
         raise SegmentError(str(exc)) from None
     starts = sorted({int(t.y) for t in grid})
     rows = {y: i for i, y in enumerate(starts)}

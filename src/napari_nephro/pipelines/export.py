@@ -316,10 +316,7 @@ def _grid(item: Item, tile: int, overlap: int, mpp: float | None):
         raise ExportError(f"{item.name}: the image's pixel size is unknown, so it cannot be cut at {mpp} um/px")
     scale = mpp / item.mpp if mpp is not None else 1.0
     h, w = item.shape
-    try:
-        return tile_grid((0, 0, w, h), tile=tile, overlap=overlap, scale=scale), scale
-    except ValueError as exc:  # absurdly many tiles
-        raise ExportError(f"{item.name}: {exc}") from None
+    return tile_grid((0, 0, w, h), tile=tile, overlap=overlap, scale=scale), scale
 
 
 def _with_classes(annotations: AnnotationSet, classes: list[str]) -> AnnotationSet:

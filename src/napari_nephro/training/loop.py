@@ -34,6 +34,7 @@ from ..models.device import pick_device
 from .augment import Augment
 from .data import TileSet
 from .errors import TrainingError
+from .errors import state_dir as training_state_dir
 
 STATE = "state.pt"
 METRICS = "metrics.csv"
@@ -137,7 +138,7 @@ def _schedule(recipe: Recipe, steps_per_epoch: int):
 
 def check_output(out: Path, *, resume: bool, overwrite: bool) -> Path:
     """Refuse an output that exists, an unfinished run not resumed, a resume of nothing; the state folder."""
-    state_dir = out.with_name(out.name + ".training")
+    state_dir = training_state_dir(out)
     if out.exists() and not overwrite:
         raise TrainingError(f"{out}: already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
