@@ -453,3 +453,19 @@ def test_a_prediction_without_classes_is_not_scored_on_classes_the_image_lacks(t
     per_class = json.loads(capsys.readouterr().out)["images"][0]["per_class"]
     assert 0.8 < per_class["normal"]["dice"] < 1
     assert per_class["global sclerosis"]["dice"] is None  # absent: '-', not 0.000
+
+
+def test_training_at_an_absurd_scale_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((2000, 2000, 3), 150, np.uint8)).save(tmp_path / "images" / "a.png")
+    mask = np.zeros((2000, 2000), np.uint8)
+    mask[100:300, 100:300] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    argv = ["train", "--annotations", str(tmp_path / "masks"), "--images", str(tmp_path / "images")]
+    argv += ["--image-mpp", "50", "--mpp", "0.05", "--tile", "16", "--overlap", "15", "--out", str(tmp_path / "ck")]
+    assert main(argv) == 2
+    assert "tiles of 16 px" in _one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "masks"]
