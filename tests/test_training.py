@@ -129,6 +129,9 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(tiles, tm
         train(
             tiles, small_config(), tmp_path / "run", recipe=Recipe(epochs=3, batch_size=4, lr=2e-3, seed=3), resume=True
         )
+    fewer = tiles.subset(range(len(tiles) - 1))  # other tiles: another schedule and sampler, a mixed run
+    with pytest.raises(TrainingError, match="was started on"):
+        train(fewer, small_config(), tmp_path / "run", recipe=recipe, device="cpu", resume=True)
     resumed = train(tiles, small_config(), tmp_path / "run", recipe=recipe, device="cpu", resume=True)
     assert [e.epoch for e in resumed.history] == [1, 2, 3]
     np.testing.assert_allclose(

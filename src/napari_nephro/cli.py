@@ -25,7 +25,7 @@ from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
 from .prompts import PromptError
 from .tiling import GridError
-from .training.errors import TrainingError, state_dir
+from .training.errors import TrainingError, resumable
 
 EXIT_USAGE = 2
 
@@ -552,7 +552,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 on_epoch=on_epoch,
             )
     except KeyboardInterrupt:
-        if state_dir(args.out).exists():
+        if resumable(args.out):
             print("nephro: interrupted; the finished epochs are kept: add --resume to finish", file=sys.stderr)
         else:
             print("nephro: interrupted before the first epoch ended; nothing was kept", file=sys.stderr)

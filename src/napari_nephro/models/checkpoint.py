@@ -34,9 +34,8 @@ def _hint(name: Path) -> str:
 
     if len(name.parts) > 1:
         return ""  # a path the user meant as a folder
-    close = difflib.get_close_matches(str(name).lower(), [DEFAULT, "seggpt"], n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {close[0]!r}?" + (" (the shipped model)" if close[0] == DEFAULT else "")
+    if difflib.get_close_matches(str(name).lower(), [DEFAULT], n=1, cutoff=0.6):
+        return f"; did you mean {DEFAULT!r}? (the shipped model)"
     return f"; {DEFAULT!r} names the shipped model"
 
 

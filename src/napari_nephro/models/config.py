@@ -122,9 +122,7 @@ class ModelConfig:
             raise ModelError(f"{path}: no 'arch' (one of {', '.join(ARCHITECTURES)})")
         try:
             return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: {exc}") from None
-        except ModelError as exc:
+        except (TypeError, ValueError, ModelError) as exc:
             raise ModelError(f"{path}: {exc}") from None
 
 

@@ -81,7 +81,8 @@ def load_seggpt(source: str | os.PathLike[str] | None = None):
     if local:
         _check_weights_file(path)
     try:
-        # weights from safetensors only: transformers would otherwise unpickle a pytorch_model.bin
+        # weights from safetensors only: a pytorch_model.bin is refused in one line, never opened
+        # (transformers would load it with torch's weights-only unpickler)
         model = _from_pretrained(SegGptForImageSegmentation, name, local, use_safetensors=True)
     except ValueError as exc:  # a folder of another model type
         raise ModelError(f"{source}: not a SegGPT checkpoint ({_first_line(exc)})") from None

@@ -33,10 +33,9 @@ from ..models.checkpoint import count_nonfinite, save_checkpoint
 from ..models.device import pick_device
 from .augment import Augment
 from .data import TileSet
-from .errors import TrainingError
+from .errors import STATE, TrainingError
 from .errors import state_dir as training_state_dir
 
-STATE = "state.pt"
 METRICS = "metrics.csv"
 FIELDS = ("epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 
@@ -202,12 +201,15 @@ def train(
     best = (0, -1.0)
     first_epoch = 1
     if resume:
-        first_epoch, history, best = _load_state(state_dir, network, optimizer, scheduler, sampler_generator, recipe)
+        first_epoch, history, best = _load_state(
+            state_dir, network, optimizer, scheduler, sampler_generator, recipe, _tile_counts(train_set, val_set)
+        )
     else:
         if state_dir.exists():
             shutil.rmtree(state_dir)  # an unfinished run the user asked to overwrite, or one that finished no epoch
         state_dir.mkdir()
-        (state_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+        saved = {**asdict(recipe), "tiles": _tile_counts(train_set, val_set)}
+        (state_dir / "recipe.json").write_text(json.dumps(saved, indent=2))
     with _kept_only_when_resumable(state_dir):
         mean = torch.tensor(model_config.normalization["mean"], device=target).view(1, 3, 1, 1)
         std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
@@ -232,17 +234,19 @@ def train(
                 x = ((x.to(target)) - mean) / std
                 logits = network(x)
                 loss = loss_fn(logits, y.to(target))
-                if not bool(torch.isfinite(loss)):  # checked before the step, which would spread it to every weight
-                    where = f"epoch {epoch}, step {step + 1}"
-                    raise _diverged(state_dir, recipe, where, f"the training loss is {float(loss.detach())}")
+                value = loss.item()  # the one wait for the device in a step
+                if not math.isfinite(value):  # checked before the step, which would spread it to every weight
+                    raise _diverged(
+                        state_dir, recipe, f"epoch {epoch}, step {step + 1}", f"the training loss is {value}"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total_loss += float(loss.detach()) * len(index)
+                total_loss += value * len(index)
                 seen += len(index)
                 if on_step is not None:
-                    on_step(Step(epoch, step + 1, steps_per_epoch, float(loss.detach())))
+                    on_step(Step(epoch, step + 1, steps_per_epoch, value))
             if stopped:
                 break
             val_loss, val_dice = _validate(network, val_set, loss_fn, recipe.batch_size, target, mean, std)
@@ -348,9 +352,20 @@ def _save_state(state_dir, network, optimizer, scheduler, generator, epoch, hist
     _write_metrics(state_dir / METRICS, history)
 
 
-def _load_state(state_dir, network, optimizer, scheduler, generator, recipe):
+def _tile_counts(train_set: TileSet, val_set: TileSet) -> dict:
+    """What a resumed run must find unchanged besides its recipe: other tiles mean another schedule and sampler."""
+    return {"train": len(train_set), "validation": len(val_set)}
+
+
+def _load_state(state_dir, network, optimizer, scheduler, generator, recipe, tiles: dict):
     """The run as it was after its last finished epoch; a damaged or foreign state folder is one line."""
     saved = _read_recipe(state_dir / "recipe.json")
+    was = saved.pop("tiles", tiles)  # runs of earlier versions did not record their tiles
+    if was != tiles:
+        raise TrainingError(
+            f"{state_dir}: was started on {was} tiles, not {tiles}: resume with the same annotations, images and "
+            "tile settings, or pass --overwrite to start again"
+        )
     if saved != asdict(recipe):
         changed = sorted(k for k in set(saved) | set(asdict(recipe)) if saved.get(k) != asdict(recipe).get(k))
         raise TrainingError(

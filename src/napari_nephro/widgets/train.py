@@ -32,7 +32,7 @@ from ..io import SlideError
 from ..models import ARCHITECTURES, ModelError
 from ..pipelines.export import ExportError, Item
 from ..training import TrainingError
-from ..training.errors import state_dir
+from ..training.errors import resumable
 from ._layers import UserFailure, catching, chosen, labels_layers, refill, slide_layers
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ class TrainWidget(QWidget):
         try:
             options = self.options()
             out = options.pop("out")
-            resume = state_dir(out).exists()
+            resume = resumable(out)
             callbacks = {"on_step": self.stepped.emit, "on_epoch": self.epoch_done.emit, "stop": self._stop.is_set}
             if self.source_combo.currentText() == SOURCES[0]:
                 items = self.layer_items()
