@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import numpy as np
 import pytest
+from qtpy.QtWidgets import QApplication
 
 from napari_nephro.cli import main
 from napari_nephro.inference import partial_path
+from napari_nephro.inference.objects import ObjectRules
+from napari_nephro.inference.summary import ObjectSummary, summarize
 from napari_nephro.io import open_slide
 from napari_nephro.layers import slide_layer_data
 from napari_nephro.sample import SAMPLE_MPP, SAMPLE_SHAPE, sample_slide_path
@@ -61,6 +66,8 @@ def test_a_rectangle_becomes_an_aligned_labels_layer(widget, qtbot):
     np.testing.assert_allclose(slide_layer.world_to_data(layer.data_to_world((399, 599))), (y1 - 1, x1 - 1))
     assert list(layer.features["class"]) == ["glomerulus"]
     assert "Done" in widget.status.text()
+    found = summarize(layer.data, SAMPLE_MPP, {1: "glomerulus"}).describe()  # what the layer holds, in words
+    assert found[0].upper() + found[1:] in widget.status.text()
 
 
 def test_the_field_of_view_is_what_is_on_screen(widget, qtbot):
@@ -90,7 +97,7 @@ def test_whole_slide_gives_a_multiscale_layer_and_cancel_then_resume(widget, qtb
         return real_predict(tiles)
 
     segmenter.predict = slow
-    widget.progressed.connect(lambda p: widget.cancel() if p.done >= 6 else None)
+    widget.progressed.connect(lambda p: widget.cancel() if p.done >= 4 else None)  # after the first batch
     run_and_wait(widget, qtbot)
     assert "Cancelled" in widget.status.text() and partial_path(out).exists() and not out.exists()
     assert widget.result_layer is None
@@ -115,3 +122,39 @@ def test_mistakes_are_shown_not_raised(widget, qtbot, tmp_path):
     widget.run()  # the model is read in the worker: napari does not wait on a large checkpoint
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
     assert "not a checkpoint folder" in widget.status.text()
+
+
+def test_the_model_description_wraps_within_the_dock_and_its_tooltip_holds_all_of_it(widget, tmp_path):
+    """A long description (here: a long folder that is not a model) wraps instead of widening or clipping."""
+    folder = tmp_path / ("a_folder_with_a_name_much_longer_than_any_dock_is_wide_" * 2)
+    folder.mkdir()
+    widget.model_edit.setText(str(folder))
+    widget._describe_model()
+    info = widget.model_info
+    full = f"{folder}: not a checkpoint folder (no config.json)"
+    assert info.wordWrap() and info.toolTip() == full and info.plain_text() == full
+    window = widget.viewer.window._qt_window
+    window.resize(1400, 900)
+    window.show()
+    for _ in range(5):
+        QApplication.processEvents()
+    assert widget.width() < 600, "the label must not push the dock wider"
+    assert info.width() <= widget.width()
+    assert info.height() >= info.heightForWidth(info.width()), "every wrapped line must be shown whole"
+
+
+def test_whole_objects_follows_the_model_and_a_warning_is_shown(widget, small_checkpoint, tmp_path):
+    assert not widget.objects_check.isEnabled() and not widget.objects_check.isChecked()  # no rules in it
+    ruled = tmp_path / "with-rules"
+    shutil.copytree(small_checkpoint, ruled)
+    config = json.loads((ruled / "config.json").read_text())
+    (ruled / "config.json").write_text(json.dumps({**config, "objects": {"min_area_um2": 1500}}))
+    widget.model_edit.setText(str(ruled))
+    widget._describe_model()
+    assert widget.objects_check.isEnabled() and widget.objects_check.isChecked()
+    summary = ObjectSummary({1: "glomerulus"}, 0.5, tissue_um2=1e6, reference=ObjectRules())
+    summary.add(1, [2_000_000])  # half the tissue as one object
+    widget._show_warning(summary)
+    assert not widget.warning.isHidden() and "50% of the tissue" in widget.warning.plain_text()
+    widget._show_warning(None)
+    assert widget.warning.isHidden()

@@ -17,7 +17,7 @@ from napari_nephro.io import open_slide
 from napari_nephro.models import ModelConfig, TorchSegmenter
 from napari_nephro.pipelines.export import load_items
 from napari_nephro.training import Recipe, TrainingError, cut_tiles, split_by_group, train
-from napari_nephro.training.augment import Augment
+from napari_nephro.training.augment import Augment, jitter_stains
 
 SMALL = {"encoder": "mobilenet_v2", "decoder": {"decoder_channels": [32, 16, 16, 8, 8]}}
 GEOMETRY = {"mpp": 1.0, "tile_size": 512, "overlap": 0, "input_size": 64}
@@ -154,6 +154,50 @@ def test_augmentations_move_image_and_mask_together():
         dark = out_image.mean(0) < 0.5
         assert (dark == (out_mask == 1)).float().mean() > 0.97
     assert not torch.equal(out_mask, torch.from_numpy(mask.astype(np.int64)))  # it did move
+
+
+def test_stain_jitter_changes_the_dyes_not_the_tissue_or_the_glass():
+    """HED jitter recolours a real PAS tile as another lab's stain would: same structures, glass left white."""
+    source = require_shared("glomeruli", "aidpath_pas")
+    tile = np.array(Image.open(source / "images" / "10150.png").convert("RGB"))[:256, :256].copy()
+    tile[:16, :16] = 255  # a patch of glass
+    image = torch.from_numpy(tile).permute(2, 0, 1)
+    assert torch.equal(jitter_stains(image, 0.0), image)  # no jitter: the exact pixels back
+    torch.manual_seed(0)
+    outs = [jitter_stains(image, 0.3) for _ in range(8)]
+    for out in outs:
+        assert out.shape == image.shape and out.dtype == torch.uint8
+        assert torch.equal(out[:, :16, :16], image[:, :16, :16])
+        grey_in, grey_out = image.float().mean(0).flatten(), out.float().mean(0).flatten()
+        assert torch.corrcoef(torch.stack([grey_in, grey_out]))[0, 1] > 0.9  # structures stay where they were
+    changes = [float((o.float() - image.float()).abs().mean()) for o in outs]
+    assert min(changes) > 0.5 and max(changes) > 4  # every draw recolours, some strongly
+    torch.manual_seed(0)
+    assert all(torch.equal(a, jitter_stains(image, 0.3)) for a in outs[:1])  # seeded: repeatable
+
+
+def test_absurd_jitter_is_refused(tmp_path, capsys):
+    with pytest.raises(TrainingError, match="stain jitter"):
+        Recipe(stain_jitter=2.0).check()
+    with pytest.raises(TrainingError, match="scale jitter"):
+        Recipe(scale_jitter=-0.1).check()
+    assert (
+        main(
+            [
+                "train",
+                "--annotations",
+                str(tmp_path),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "m"),
+                "--scale-jitter",
+                "nan",
+            ]
+        )
+        == 2
+    )
+    assert "scale-jitter" in capsys.readouterr().err
 
 
 def test_bad_training_input_is_refused_before_training(aidpath_subset, tmp_path, capsys):

@@ -209,6 +209,11 @@ def _parser() -> argparse.ArgumentParser:
         "--readers", type=int, help="threads reading tiles and resampling rows (default: one per core, 2 to 8)"
     )
     seg.add_argument("--all-tiles", action="store_true", help="also send tiles of bare glass to the model")
+    seg.add_argument(
+        "--no-objects",
+        action="store_true",
+        help="keep the raw pixel map: no hole filling, speck removal, splitting or smoothing by the model's rules",
+    )
     seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
     seg.set_defaults(func=cmd_segment)
@@ -237,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
     tr.add_argument("--allow-empty", action="store_true", help="keep images without objects (as negatives)")
     tr.add_argument("--no-augment", action="store_true", help="train without augmentations")
+    tr.add_argument("--loss", choices=("dice", "lovasz"), default="dice", help="BCE + dice (default) or + lovasz")
+    tr.add_argument("--stain-jitter", type=_number(0), default=0.3, help="HED stain amounts x 1 +- this (0.3; 0: off)")
+    tr.add_argument("--scale-jitter", type=_number(0), default=0.3, help="zoom by up to 1 +- this (default 0.3)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     tr.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     tr.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
@@ -289,10 +297,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job offline: the default glomerulus model over a slide (default: the synthetic sample), "
-        "shown in napari or, with --headless, written to files",
+        help="the main job offline: the default glomerulus model over a slide (default: the sample, four real "
+        "PAS kidney tiles with annotated glomeruli), shown in napari or, with --headless, written to files",
     )
-    demo.add_argument("slide", nargs="?", help="slide to segment instead of the synthetic sample")
+    demo.add_argument("slide", nargs="?", help="slide to segment instead of the sample")
     demo.add_argument("--slide", dest="slide_option", help="the same, as an option")
     demo.add_argument("--headless", action="store_true", help="no window: write labels, GeoJSON and a PNG overview")
     demo.add_argument("--out", type=Path, default=Path("nephro-demo"), help="folder for the files (nephro-demo)")
@@ -353,6 +361,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 batch_size=getattr(segmenter, "tiles_per_call", None) or args.batch or 4,
                 readers=args.readers,
                 skip_background=not args.all_tiles,
+                objects=None if args.no_objects else "model",
                 resume=args.resume,
                 overwrite=args.overwrite,
                 progress=lambda p: bar(p.done, p.total),
@@ -371,6 +380,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         f"{result.path}  ({stats.tiles} tiles, {stats.skipped} glass skipped, {stats.predicted} predicted "
         f"in {stats.seconds:.1f} s on {segmenter.device})"
     )
+    if result.summary is not None:
+        print(result.summary.describe(), flush=True)
+        warning = result.summary.warning()
+        if warning:
+            print(f"nephro: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -500,6 +514,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         freeze_encoder=args.freeze_encoder,
         augment=not args.no_augment,
+        loss=args.loss,
+        stain_jitter=args.stain_jitter,
+        scale_jitter=args.scale_jitter,
     )
     bars: dict = {}
 
@@ -717,8 +734,9 @@ def format_info(info: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .annotations import read_annotations
     from .pipelines.demo import run_demo_job
-    from .sample import sample_slide_path
+    from .sample import sample_annotations_path, sample_slide_path
 
     if args.slide and args.slide_option:
         raise UserError("give the slide once: as an argument or with --slide")
@@ -729,8 +747,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    path = Path(args.slide or args.slide_option) if (args.slide or args.slide_option) else sample_slide_path()
+    given = args.slide or args.slide_option
+    path = Path(given) if given else sample_slide_path()
     slide = open_slide(path, mpp=args.mpp)  # fail here, with one line, before any work
+    truth_path = None if given else sample_annotations_path()  # the sample's glomeruli are annotated
+    truth = None if truth_path is None else read_annotations(truth_path)
     with _progress_bar("segment", "tile") as bar:
         job = run_demo_job(
             slide,
@@ -739,18 +760,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
             device=args.device,
             progress=lambda p: bar(p.done, p.total),
             overwrite=args.overwrite,
+            truth=truth,
         )
     print(
         f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s "
         f"({job.fragments} smaller pieces left out of the polygons)"
     )
+    if job.match is not None:
+        print(job.describe_match())
     for what, file in (("labels", job.labels), ("polygons", job.geojson), ("overview", job.overview)):
         print(f"{what:<9} {file}")
+    if truth_path is not None:
+        print(f"{'annotated':<9} {truth_path}")
     if args.headless:
         return 0
     from .demo import run_demo
 
-    return run_demo(slide, job.labels, screenshot=args.screenshot)
+    return run_demo(slide, job.labels, screenshot=args.screenshot, annotations=truth_path)
 
 
 def _has_display() -> bool:

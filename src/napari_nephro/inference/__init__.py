@@ -8,10 +8,14 @@ nuclei models share it.
 from .api import RegionResult, SlideResult, classes_of, plan_run, segment_region, segment_slide
 from .engine import Progress, RunStats
 from .errors import SegmentError
+from .objects import ObjectRules, clean_labels
 from .output import partial_path
 from .plan import Plan, make_plan
+from .summary import ObjectSummary, summarize
 
 __all__ = [
+    "ObjectRules",
+    "ObjectSummary",
     "Plan",
     "Progress",
     "RegionResult",
@@ -19,9 +23,11 @@ __all__ = [
     "SegmentError",
     "SlideResult",
     "classes_of",
+    "clean_labels",
     "make_plan",
     "partial_path",
     "plan_run",
     "segment_region",
     "segment_slide",
+    "summarize",
 ]

@@ -16,10 +16,15 @@ from ..io import Slide
 from ..tiling import best_level
 from .engine import Progress, RunStats, channels_of, check_memory, run_tiles
 from .errors import SegmentError
+from .object_sink import CAP_ROWS, STATE_KEY, ObjectSink
+from .objects import ObjectRules, clean_with_summary
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
 from .plan import Plan, cells, make_plan, slide_mpp
+from .summary import ObjectSummary, summarize
 
 MAX_REGION_BYTES = 2 * 1024**3  # a region result beyond this goes to a file instead
+HELD_ROWS = 8 * CAP_ROWS  # output rows an `ObjectSink` may hold at worst: 2 caps, raw and cleaned, with room to grow
+MODEL = "model"  # `objects=MODEL`: the rules in the model's config (none for models without)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class RegionResult:
     mpp: float  # micrometres per array pixel
     classes: dict[int, str]  # label value -> class name
     stats: RunStats
+    summary: ObjectSummary | None = None  # what was found; None for probabilities or a cancelled run
 
 
 @dataclass
@@ -41,6 +47,7 @@ class SlideResult:
     rows_done: int
     rows: int
     stats: RunStats
+    summary: ObjectSummary | None = None  # what was found; None until the run is complete
 
 
 def classes_of(segmenter) -> dict[int, str]:
@@ -82,15 +89,18 @@ def segment_region(
     batch_size: int = 4,
     readers: int | None = None,
     skip_background: bool = True,
+    objects: ObjectRules | str | None = MODEL,
     progress: Callable[[Progress], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> RegionResult:
     """Run `segmenter` over `region` (x, y, w, h in level-0 pixels; default the whole slide) into memory.
 
-    A cancelled run returns what it finished (`stats.complete` is False); rows it
-    did not reach are background.
+    `objects`: rules that make the pixel map whole objects (`MODEL`: the model's
+    own, None: the pixel map as it is). A cancelled run returns what it finished
+    (`stats.complete` is False, nothing cleaned); rows it did not reach are background.
     """
     _check_threshold(threshold)
+    rules = rules_of(segmenter, objects)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     check_memory(plan, channels_of(segmenter), batch_size, readers, _level_ratio(slide, plan))
     height, width = plan.out_shape
@@ -106,7 +116,32 @@ def segment_region(
         slide, segmenter, plan, sink, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
     )
     mpp = slide_mpp(slide) * plan.out_downsample
-    return RegionResult(sink.array, plan.region, plan.out_downsample, mpp, classes_of(segmenter), stats)
+    classes, array, summary = classes_of(segmenter), sink.array, None
+    if stats.complete and not probabilities:
+        if rules is not None:
+            array, summary = clean_with_summary(array, mpp, rules, classes, out=array)
+        else:
+            summary = summarize(array, mpp, classes)
+        _describe_place(summary, slide, plan)
+    return RegionResult(array, plan.region, plan.out_downsample, mpp, classes, stats, summary)
+
+
+def rules_of(segmenter, objects: ObjectRules | str | None) -> ObjectRules | None:
+    """The object rules a run applies: the model's (`MODEL`), those given, or none."""
+    if objects == MODEL:
+        rules = getattr(segmenter, "objects", None)
+        return rules if isinstance(rules, ObjectRules) else None
+    if objects is None or isinstance(objects, ObjectRules):
+        return objects
+    raise SegmentError(f"objects must be {MODEL!r}, None or ObjectRules, not {objects!r}")
+
+
+def _describe_place(summary: ObjectSummary, slide: Slide, plan: Plan) -> None:
+    """The tissue the run saw, and the slide's pixel size, for the summary's warning."""
+    summary.slide_mpp = slide_mpp(slide)
+    if plan.tissue_fraction is not None:
+        _, _, w, h = plan.region
+        summary.tissue_um2 = plan.tissue_fraction * w * h * summary.slide_mpp**2
 
 
 def segment_slide(
@@ -122,6 +157,7 @@ def segment_slide(
     batch_size: int = 4,
     readers: int | None = None,
     skip_background: bool = True,
+    objects: ObjectRules | str | None = MODEL,
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[Progress], None] | None = None,
@@ -132,20 +168,22 @@ def segment_slide(
     The label image always has the whole slide's extent at `out_downsample`, so it
     overlays the slide in any viewer; a region only limits what is computed. Rows
     go to `<out>.partial.zarr` as they finish; cancelled or killed, the run keeps
-    them and `resume=True` computes only the rest.
+    them and `resume=True` computes only the rest. `objects`: as for `segment_region`,
+    applied as rows pass (`ObjectSink`); a resume must use the same rules.
     """
     _check_threshold(threshold)
+    rules = rules_of(segmenter, objects)
     out = Path(out)
     if check_output(out, overwrite=overwrite, resume=resume):
         return _already_complete(out)
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
-    check_memory(plan, channels_of(segmenter), batch_size, readers, _level_ratio(slide, plan))
+    check_memory(plan, channels_of(segmenter), batch_size, readers, _level_ratio(slide, plan), held_rows=HELD_ROWS)
     try:
         with exclusive(out):  # a second run on the same output refuses instead of deleting our files
             if check_output(out, overwrite=overwrite, resume=resume, locked=True):  # finished while we planned
                 return _already_complete(out)
             return _run_into_store(
-                slide, segmenter, plan, out, threshold, batch_size, readers, resume, overwrite, progress, cancel
+                slide, segmenter, plan, out, threshold, rules, batch_size, readers, resume, overwrite, progress, cancel
             )
     except Locked as exc:
         raise SegmentError(str(exc)) from None
@@ -161,6 +199,7 @@ def _run_into_store(
     plan: Plan,
     out: Path,
     threshold: float,
+    rules: ObjectRules | None,
     batch_size: int,
     readers: int | None,
     resume: bool,
@@ -178,6 +217,7 @@ def _run_into_store(
             "model": getattr(segmenter, "fingerprint", type(segmenter).__name__),
             "plan": plan.describe(),
             "threshold": threshold,
+            "object_rules": None if rules is None else rules.to_config(),
             # a network's output changes in its last bits with the batch and the device: a resume with
             # other ones would join two slightly different runs
             "batch": batch_size,
@@ -204,19 +244,24 @@ def _run_into_store(
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # a disk full or Ctrl-C while laying it out
             raise
+    rows = plan.out_shape[0]
+    sink = ObjectSink(store, rules, mpp * plan.out_downsample, rows, classes=classes, state=store.record.get(STATE_KEY))
+    store.extra_record = lambda done: {STATE_KEY: sink.state(done)}
     try:
         stats = run_tiles(
-            slide, segmenter, plan, store, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
+            slide, segmenter, plan, sink, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
         )
     except BaseException:
         if not resume and store.rows_done == 0:  # failed before any row: nothing worth resuming
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    rows = plan.out_shape[0]
     if store.rows_done < rows:
         return SlideResult(None, partial, store.rows_done, rows, stats)
+    summary = sink.summary()
+    _describe_place(summary, slide, plan)
+    store.record.pop(STATE_KEY, None)  # only a partial run needs it
     path = finish(store, out, mpp=mpp * plan.out_downsample, classes=classes, overwrite=overwrite)
-    return SlideResult(path, partial, rows, rows, stats)
+    return SlideResult(path, partial, rows, rows, stats, summary)
 
 
 def _device_name(segmenter) -> str:

@@ -125,12 +125,15 @@ def run_tiles(
 MAX_RUN_BYTES = 8 * 1024**3  # what a run may hold besides the model: a 16 GB laptop still has room for it
 
 
-def memory_needed(plan: Plan, channels: int, batch_size: int, readers: int, level_ratio: float = 1.0) -> dict:
+def memory_needed(
+    plan: Plan, channels: int, batch_size: int, readers: int, level_ratio: float = 1.0, held_rows: int = 0
+) -> dict:
     """Bytes a run holds at its peak besides the model, by part: what depends on the tiles, and on the width.
 
     Whatever the slide's size this is a few tiles and one band a tile high, so only
     absurd tiles, batches or scales make it large; they are refused before anything is read.
-    `level_ratio`: pixels read at the slide level per working pixel (1 on a pyramid with the model's scale).
+    `level_ratio`: pixels read at the slide level per working pixel (1 on a pyramid with the model's scale);
+    `held_rows`: output rows of class ids held back until their objects are complete.
     """
     tile, (_, work_w), (_, out_w) = plan.tile, plan.work_shape, plan.out_shape
     source = (tile * max(level_ratio, 1.0)) ** 2  # one tile's pixels at the level it is read from
@@ -140,17 +143,23 @@ def memory_needed(plan: Plan, channels: int, batch_size: int, readers: int, leve
         + int(readers * per_reader),
         "width": (channels + 1) * tile * max(work_w, tile) * 4  # the stitching band: weighted sums and weights
         + channels * tile * work_w * 4 * 2  # a released band, and its copy held for resampling
-        + 4 * channels * RowResampler.ROW_BLOCK * out_w * 4,  # output blocks in flight
+        + 4 * channels * RowResampler.ROW_BLOCK * out_w * 4  # output blocks in flight
+        + held_rows * out_w,  # rows waiting for their objects to end
     }
 
 
 def check_memory(
-    plan: Plan, channels: int, batch_size: int, readers: int | None = None, level_ratio: float = 1.0
+    plan: Plan,
+    channels: int,
+    batch_size: int,
+    readers: int | None = None,
+    level_ratio: float = 1.0,
+    held_rows: int = 0,
 ) -> None:
     """Refuse a run that would need more than `max_run_bytes()`, saying how much and what to change."""
     if batch_size < 1:
         raise SegmentError(f"the batch size must be at least 1, not {batch_size}")
-    parts = memory_needed(plan, channels, batch_size, readers or default_readers(), level_ratio)
+    parts = memory_needed(plan, channels, batch_size, readers or default_readers(), level_ratio, held_rows)
     need, limit = sum(parts.values()), max_run_bytes()
     if need > limit:
         advice = (

@@ -10,6 +10,7 @@ the asked-for file (OME-Zarr pyramid, label TIFF or GeoJSON) under its real name
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -186,6 +187,7 @@ class ZarrRunStore:
 
     def __init__(self, path: Path, group, record: dict, threshold: float) -> None:
         self.path, self.group, self.record, self.threshold = path, group, record, threshold
+        self.extra_record: Callable[[int], dict] | None = None  # more to record with each step of rows_done
         self.array = group["0"]
         self.offset = tuple(record["offset"])  # where the region's output rows start in the slide-sized image
         self.rows_done = int(record["rows_done"])
@@ -283,7 +285,8 @@ class ZarrRunStore:
         rows = max(0, min(done[0] - self.offset[0], int(self.record["rows"])))  # coarse levels catch up on resume
         if done != self.record.get("levels_done") or rows != self.rows_done:
             self.rows_done = rows
-            self.update(rows_done=rows, levels_done=done)
+            extra = self.extra_record(rows) if self.extra_record is not None else {}
+            self.update(rows_done=rows, levels_done=done, **extra)  # one write: the record never mixes two steps
 
     def update(self, **values) -> None:
         self.record.update(values)

@@ -42,6 +42,7 @@ class Plan:
     tile: int
     overlap: int
     tiles: list[GridTile] = field(default_factory=list)
+    tissue_fraction: float | None = None  # of the region, from the tissue map; None when glass was not looked for
 
     @property
     def work_shape(self) -> tuple[int, int]:
@@ -153,7 +154,9 @@ def make_plan(
         raise SegmentError(str(exc)) from None
     starts = sorted({int(t.y) for t in grid})
     rows = {y: i for i, y in enumerate(starts)}
-    tissue = _tissue_by_tile(slide, plan, grid) if skip_background else None
+    tissue = None
+    if skip_background:
+        tissue, plan.tissue_fraction = _tissue_by_tile(slide, plan, grid)
     plan.tiles = [
         GridTile(rows[int(t.y)], int(t.y), int(t.x), True if tissue is None else bool(tissue[i] >= min_tissue))
         for i, t in enumerate(grid)
@@ -161,14 +164,15 @@ def make_plan(
     return plan
 
 
-def _tissue_by_tile(slide: Slide, plan: Plan, grid) -> np.ndarray:
-    """Fraction of each tile's footprint (inside the region) that looks like tissue on a thumbnail."""
+def _tissue_by_tile(slide: Slide, plan: Plan, grid) -> tuple[np.ndarray, float]:
+    """Fraction of each tile's footprint (inside the region) that looks like tissue on a thumbnail, and of the region."""
     x0, y0, w, h = plan.region
     step = max(w, h) / THUMBNAIL_SIDE  # level-0 pixels per thumbnail pixel
     step = max(step, min(plan.scale * 4, max(w, h) / 64))  # no finer than a quarter of the working grid
     th, tw = cells(h, step), cells(w, step)
     thumb = read_scaled(slide, (x0, y0, tw * step, th * step), (th, tw))
-    mask = ndimage.binary_dilation(tissue_mask(thumb))  # faint tissue edges must not drop a tile
+    found = tissue_mask(thumb)
+    mask = ndimage.binary_dilation(found)  # faint tissue edges must not drop a tile
     fractions = np.zeros(len(grid))
     for i, t in enumerate(grid):
         ty0, tx0 = int(t.y * plan.scale / step), int(t.x * plan.scale / step)
@@ -176,4 +180,4 @@ def _tissue_by_tile(slide: Slide, plan: Plan, grid) -> np.ndarray:
         tx1 = max(tx0 + 1, math.ceil((t.x + plan.tile) * plan.scale / step))
         footprint = mask[ty0:ty1, tx0:tx1]
         fractions[i] = footprint.mean() if footprint.size else 0.0
-    return fractions
+    return fractions, float(found.mean())

@@ -39,6 +39,7 @@ class ModelConfig:
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. a small Swin for tests: embed_dim, depths, num_heads
     decoder: dict = field(default_factory=dict)  # e.g. U-Net 3+ cat_channels, deep_supervision
     provenance: dict = field(default_factory=dict)  # how it was made: data, recipe, metrics, licence
+    objects: dict | None = None  # rules that make the pixel map whole objects (see ObjectRules); None: none
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -82,6 +83,7 @@ class ModelConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ModelError(f"{name} must be a JSON object, not {_short(getattr(self, name))}")
         _check_normalization(self.normalization)
+        self.objects = None if (rules := self.object_rules()) is None else rules.to_config()
         if self.version > CONFIG_VERSION:
             raise ModelError(
                 f"config version {self.version} is newer than this napari-nephro reads ({CONFIG_VERSION}): "
@@ -90,13 +92,22 @@ class ModelConfig:
         if self.version < 1:
             raise ModelError(f"config version must be 1 or more, not {self.version}")
 
+    def object_rules(self):
+        """The `objects` entry as `ObjectRules` (validated), or None."""
+        from ..inference.objects import ObjectRules  # numpy and scipy: only when a config is checked
+
+        return ObjectRules.from_config(self.objects)
+
     @property
     def out_channels(self) -> int:
         """One foreground channel (sigmoid) for one class, else background + classes (softmax)."""
         return 1 if len(self.classes) == 1 else len(self.classes) + 1
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        if data["objects"] is None:  # left out, so an older napari-nephro still reads the file
+            del data["objects"]
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:

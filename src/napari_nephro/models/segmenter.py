@@ -51,6 +51,7 @@ class TorchSegmenter:
         self.tile_size, self.input_size, self.overlap = config.tile_size, config.input_size, config.overlap
         # what a resumed run checks it is still the same model: the checkpoint's bytes, else the config
         self.fingerprint = fingerprint or hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+        self.objects = config.object_rules()  # how its pixel map becomes objects; None: kept as it is
         norm = config.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(norm["std"], dtype=torch.float32).view(1, 3, 1, 1).to(self.device)

@@ -34,6 +34,7 @@ from ..inference import Progress, SegmentError, partial_path
 from ..io import SlideError
 from ..models import ModelError
 from ._layers import UserFailure, catching, chosen, refill, slide_layers
+from ._wrapping import WrappingLabel
 
 if TYPE_CHECKING:
     import napari
@@ -55,8 +56,7 @@ class SegmentWidget(QWidget):
         self.model_edit.setPlaceholderText("checkpoint folder (config.json + model.safetensors), or 'default'")
         self.model_edit.setText("default")  # the glomerulus model shipped with the plugin
         self.browse_button = QPushButton("Browse…")
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
+        self.model_info = WrappingLabel("")  # a description, or why the folder is not a model: wraps, never clipped
         self.where_combo = QComboBox()
         self.where_combo.addItems(WHERE)
         self.device_combo = QComboBox()
@@ -66,11 +66,16 @@ class SegmentWidget(QWidget):
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("whole slide: OME-Zarr to write (default beside the slide)")
         self.overwrite_check = QCheckBox("replace an existing result")
+        self.objects_check = QCheckBox("whole objects")  # enabled by `_describe_model` for a model with rules
+        self.objects_check.setEnabled(False)
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.warning = WrappingLabel("")  # when what was found cannot be right
+        self.warning.setStyleSheet("color: #e8a33d")
+        self.warning.hide()
 
         model_row = QHBoxLayout()
         model_row.addWidget(self.model_edit)
@@ -83,6 +88,7 @@ class SegmentWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Batch size", self.batch_spin)
         form.addRow("Threshold", self.threshold_spin)
+        form.addRow("", self.objects_check)
         form.addRow("Whole-slide output", self.out_edit)
         form.addRow("", self.overwrite_check)
         buttons = QHBoxLayout()
@@ -92,6 +98,7 @@ class SegmentWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.warning)
         layout.addStretch()
 
         self._segmenter = None
@@ -133,10 +140,22 @@ class SegmentWidget(QWidget):
             config = ModelConfig.from_file(resolve_checkpoint(text) / "config.json")
         except ModelError as exc:
             self.model_info.setText(str(exc))
+            self._offer_objects(False)
             return
         self.model_info.setText(
             f"{config.arch} ({config.encoder}), classes: {', '.join(config.classes)}; "
             f"{config.tile_size} px tiles at {config.mpp:g} um/px, network input {config.input_size} px"
+        )
+        self._offer_objects(config.objects is not None)
+
+    def _offer_objects(self, has_rules: bool) -> None:
+        """'whole objects' is on for a model with object rules, and cannot be ticked for one without."""
+        self.objects_check.setEnabled(has_rules)
+        self.objects_check.setChecked(has_rules)
+        self.objects_check.setToolTip(
+            "fill holes, drop specks, split touching objects and smooth outlines, by the model's rules"
+            if has_rules
+            else "this model has no object rules: its pixel map is kept as it is"
         )
 
     def segmenter(self):
@@ -199,6 +218,7 @@ class SegmentWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("Planning tiles…")
+        self._show_warning(None)
         self._worker.start()
 
     def ready(self, layer) -> bool:
@@ -220,6 +240,7 @@ class SegmentWidget(QWidget):
             "batch_size": self.batch_size(),
             "progress": self.progressed.emit,
             "cancel": self._cancel.is_set,
+            "objects": "model" if self.objects_check.isChecked() else None,
         }
         region = self.region(layer)
         if region is None:
@@ -261,13 +282,25 @@ class SegmentWidget(QWidget):
                 )
                 return
             self.result_layer = self._add_slide_result(layer, result.path)
-            self.status.setText(f"Done: {result.path} ({note}).")
+            self.status.setText(f"Done: {result.path} ({note}).{_found(result.summary)}")
+            self._show_warning(result.summary)
             return
         if not stats.complete:
             self.status.setText("Cancelled: nothing added.")
             return
         self.result_layer = self._add_region_result(layer, result)
-        self.status.setText(f"Done: {self.result_layer.name} ({note}).")
+        self.status.setText(f"Done: {self.result_layer.name} ({note}).{_found(result.summary)}")
+        self._show_warning(result.summary)
+
+    def _show_warning(self, summary) -> None:
+        """The summary's warning under the status line, and as a napari notification; hidden when there is none."""
+        text = None if summary is None else summary.warning()
+        self.warning.setText(text or "")
+        self.warning.setVisible(bool(text))
+        if text:
+            from napari.utils.notifications import show_warning
+
+            show_warning(text)
 
     def _add_region_result(self, layer, result):
         x, y, _, _ = result.region
@@ -350,6 +383,14 @@ def _rectangle(viewer, slide_layer) -> tuple[float, float, float, float]:
     if x1 - x0 < 1 or y1 - y0 < 1:
         raise SegmentError("the chosen shape has no area")
     return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _found(summary) -> str:
+    """' 12 glomeruli found, …' after the status line, when the run says what it found."""
+    if summary is None:
+        return ""
+    text = summary.describe()
+    return f" {text[0].upper()}{text[1:]}."
 
 
 def _model_name(widget: SegmentWidget) -> str:
