@@ -44,7 +44,7 @@ def test_info_accepts_a_pixel_size_for_a_slide_without_one(capsys):
 
 
 def test_demo_renders_the_sample_slide_in_napari(tmp_path):
-    """The README's napari command, headless: the default model over the embedded sample, shown in napari."""
+    """The README's napari command, headless: the default model over the shipped sample, shown in napari."""
     import os
     import shutil
     import subprocess
@@ -65,11 +65,18 @@ def test_demo_renders_the_sample_slide_in_napari(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "glomeruli found" in result.stdout and (out / "synthetic-kidney-v1.glomeruli.zarr").exists()
+    from napari_nephro.annotations import read_annotations
+    from napari_nephro.annotations.omezarr import read_label_zarr
+    from napari_nephro.sample import SAMPLE_NAME, SAMPLE_SHAPE
+
+    assert read_label_zarr(out / f"{SAMPLE_NAME}.glomeruli.zarr").levels[0].shape == SAMPLE_SHAPE
+    assert set(read_annotations(out / f"{SAMPLE_NAME}.glomeruli.geojson").counts()) <= {"glomerulus"}
+    assert "annotated glomeruli found" in result.stdout  # the sample is scored against its annotations
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
-    pink = (pixels[..., 0] > 200) & (pixels[..., 1] > 120) & (pixels[..., 1] < 190) & (pixels[..., 2] > 160)
-    assert pink.mean() > 0.02  # the slide's eosin-pink tissue is on screen, not a blank canvas
+    pink = (pixels[..., 0] > 180) & (pixels[..., 1] > 100) & (pixels[..., 1] < 200) & (pixels[..., 2] > 160)
+    pink &= pixels[..., 0] > pixels[..., 1] + 20
+    assert pink.mean() > 0.02  # the slide's PAS-pink tissue is on screen, not a blank canvas
 
 
 def test_the_command_starts_without_loading_torch_or_napari():

@@ -8,11 +8,13 @@ import numpy as np
 from PIL import Image
 
 from conftest import require_shared
-from napari_nephro.annotations import read_annotations
+from napari_nephro.annotations import rasterize, read_annotations
 from napari_nephro.annotations.omezarr import read_label_zarr
 from napari_nephro.cli import main
+from napari_nephro.evaluation import match_instances
 from napari_nephro.io import open_slide
 from napari_nephro.models import DEFAULT, TorchSegmenter, resolve_checkpoint
+from napari_nephro.sample import SAMPLE_NAME, sample_annotations_path, sample_slide_path
 
 MAX_MB = 25
 
@@ -40,6 +42,26 @@ def test_the_default_model_finds_the_glomerulus_of_a_training_tile():
     assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.3
 
 
+def test_the_demo_finds_the_sample_slides_glomeruli(tmp_path, capsys):
+    """`nephro demo --headless` on the sample: all annotated glomeruli but one at IoU >= 0.5, at most one false positive.
+
+    The written GeoJSON is matched to the shipped annotations here, independently of the
+    demo's own count, and the printed line must agree with that match.
+    """
+    out = tmp_path / "demo"
+    assert main(["demo", "--headless", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    found = read_annotations(out / f"{SAMPLE_NAME}.glomeruli.geojson")
+    truth = read_annotations(sample_annotations_path())
+    shape = open_slide(sample_slide_path()).level_shapes[0]
+    match = match_instances(rasterize(found, shape), rasterize(truth, shape), iou_threshold=0.5)
+    assert match.n_true == 6
+    assert f"{match.tp} of 6 annotated glomeruli found (IoU ≥ 0.5), {match.fp} false positive" in printed
+    with Image.open(out / f"{SAMPLE_NAME}.overview.png") as image:
+        assert image.mode == "RGB" and max(image.size) <= 1600
+    assert match.tp >= match.n_true - 1 and match.fp <= 1, f"{match.tp} of 6 found, {match.fp} false positives"
+
+
 def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
     slide = require_shared("wsi", "CMU-1-Small-Region.svs")
     out = tmp_path / "demo"
@@ -53,6 +75,7 @@ def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
     assert read_label_zarr(labels).levels[0].shape == open_slide(slide).level_shapes[0]
     objects = read_annotations(geojson)
     assert f"{len(objects)} glomeruli found" in printed and set(objects.counts()) <= {"glomerulus"}
+    assert "annotated" not in printed  # a user's slide comes without annotations: no score is made up
     with Image.open(overview) as image:
         assert max(image.size) <= 1600 and image.mode == "RGB"
     # a second run refuses to replace the first one's results unless told to, and then touches nothing else

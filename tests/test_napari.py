@@ -57,16 +57,21 @@ def test_reader_refuses_what_it_cannot_read():
     assert get_reader("slide.svs") is not None
 
 
-def test_sample_data_is_a_real_pyramidal_slide(make_napari_viewer):
+def test_sample_data_is_a_real_pyramidal_slide_with_its_glomeruli(make_napari_viewer):
     viewer = make_napari_viewer()
-    (layer,) = viewer.open_sample("napari-nephro", "synthetic_kidney_slide")
+    layer, outlines = viewer.open_sample("napari-nephro", "kidney_pas_sample")
     assert layer.multiscale and len(layer.data) == SAMPLE_LEVELS
     assert layer.data[0].shape == (*SAMPLE_SHAPE, 3)
     np.testing.assert_allclose(layer.scale, (SAMPLE_MPP, SAMPLE_MPP))
     slide = layer.metadata["slide"]
-    assert slide.backend == "tifffile" and slide.vendor == "ome" and slide.associated_images == ["label"]
+    assert slide.backend == "tifffile" and slide.vendor == "ome" and slide.associated_images == []
     tile = np.asarray(layer.data[-1][:64, :64])
     assert tile.dtype == np.uint8 and tile.std() > 0  # real pixels, decoded from the file
+    # the annotated glomeruli lie on the tissue: same scale, and inside the slide
+    assert outlines.nshapes == 6 and list(outlines.features["class"]) == ["glomerulus"] * 6
+    np.testing.assert_allclose(outlines.scale, layer.scale)
+    corners = np.concatenate(outlines.data)
+    assert corners.min() >= 0 and corners.max() <= max(SAMPLE_SHAPE)
 
 
 @pytest.fixture
@@ -112,7 +117,7 @@ def test_slide_info_sets_an_unknown_pixel_size_on_the_layer(info_widget):
 def test_slide_info_follows_layers_as_they_come_and_go(info_widget):
     viewer, widget = info_widget
     assert widget.layer_combo.count() == 0
-    viewer.open_sample("napari-nephro", "synthetic_kidney_slide")
+    viewer.open_sample("napari-nephro", "kidney_pas_sample")
     viewer.add_image(np.zeros((10, 10)), name="not a slide")
     assert widget.layer_combo.count() == 1 and widget.levels_table.rowCount() == SAMPLE_LEVELS
     viewer.layers.clear()

@@ -1,11 +1,19 @@
-"""napari sample data: the synthetic slide, opened through the plugin's own reader."""
+"""napari sample data: the real kidney sample, opened through the plugin's own readers, with its glomeruli."""
 
 from __future__ import annotations
 
+from ._annotation_reader import shapes_layer_data
 from .io import open_slide
 from .layers import slide_layer_data
-from .sample import sample_slide_path
+from .sample import sample_annotations_path, sample_slide_path
 
 
 def sample_slide():
-    return [slide_layer_data(open_slide(sample_slide_path()))]
+    """The slide as a multiscale image and the annotated glomeruli as outlines on it, in micrometres."""
+    from .annotations import read_annotations
+
+    slide = slide_layer_data(open_slide(sample_slide_path()))
+    kwargs = slide[1]
+    path = sample_annotations_path()
+    name = f"annotated: {path.name}"
+    return [slide, shapes_layer_data(read_annotations(path), name, scale=(kwargs["scale"], kwargs["units"]))]

@@ -8,18 +8,26 @@ from .io import Slide
 from .layers import slide_layer_data
 
 
-def run_demo(slide: Slide, labels: Path | None = None, screenshot: Path | None = None) -> int:
+def run_demo(
+    slide: Slide, labels: Path | None = None, screenshot: Path | None = None, annotations: Path | None = None
+) -> int:
+    """Show `slide`, the segmentation `labels` and, when given, the annotated objects as outlines beside it."""
     import napari
 
-    from ._annotation_reader import labels_layer_data
+    from ._annotation_reader import labels_layer_data, shapes_layer_data
+    from .annotations import read_annotations
     from .annotations.omezarr import read_label_zarr
 
     viewer = napari.Viewer(title=f"napari-nephro: {slide.source.name}", show=True)
     data, kwargs, _ = slide_layer_data(slide)
     viewer.add_image(data, **kwargs)
+    scale = (kwargs["scale"], kwargs["units"])
     if labels is not None:
-        data, kwargs, _ = labels_layer_data(read_label_zarr(labels), labels.name)
+        data, kwargs, _ = labels_layer_data(read_label_zarr(labels), labels.name, scale)
         viewer.add_labels(data, **kwargs)
+    if annotations is not None:
+        data, kwargs, _ = shapes_layer_data(read_annotations(annotations), f"annotated: {annotations.name}", scale)
+        viewer.add_shapes(data, **kwargs)
     viewer.window.add_plugin_dock_widget("napari-nephro", "Slide info")
     viewer.window.add_plugin_dock_widget("napari-nephro", "Segment")
     viewer.scale_bar.visible = True  # in micrometres when the layer has them

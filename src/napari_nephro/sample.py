@@ -1,9 +1,13 @@
-"""A synthetic H&E-like kidney slide, written once as a pyramidal OME-TIFF.
+"""The sample slide: four real PAS kidney tiles with their glomeruli annotated, as one pyramidal OME-TIFF.
 
-Used by napari's sample data, `nephro demo` and the docs, so the real reader path
-(tifffile backend, tiles, levels, pixel size) runs offline with nothing downloaded.
-The picture is made of noise and discs: tissue in eosin pink, nuclei in
-haematoxylin purple, and a few glomerulus-like tufts with a pale Bowman space.
+napari's sample data, `nephro demo` and the docs use it, so the main job runs
+offline on real tissue and can say how many of the annotated glomeruli a model
+found, not only that it painted something. The tiles come from the AIDPATH
+glomeruli set (CC BY 4.0, see sample_data/README.md) and are held out of the
+default model's training. They ship in `sample_data/` as JPEG with one GeoJSON of
+glomerulus polygons each (made by benchmarks/make_demo_sample.py); the 2x2 mosaic
+and its annotations are written once into the cache folder on first use. The
+mosaic's seams are tile borders, not tissue.
 """
 
 from __future__ import annotations
@@ -14,12 +18,27 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_output
+from ._ome_tiff import write_ome_pyramid
+from .synthetic import write_synthetic_slide
 
-SAMPLE_VERSION = 1
-SAMPLE_MPP = 0.5  # micrometres per pixel at level 0 (a 20x scan)
-SAMPLE_SHAPE = (4096, 6144)  # level 0 (height, width): 2 x 3 mm
-SAMPLE_LEVELS = 4  # level 0 and three 2x reductions
+SAMPLE_VERSION = 1  # bump when the shipped tiles or the way the mosaic is written change
+SAMPLE_NAME = f"aidpath-kidney-v{SAMPLE_VERSION}"
+SAMPLE_TILES = (("10150", "10172"), ("10224", "10177"))  # the mosaic's rows, top to bottom
+TILE_SIDE = 1024  # px, each AIDPATH tile
+SAMPLE_MPP = 0.5  # micrometres per pixel at level 0 (a 20x Aperio scan)
+SAMPLE_SHAPE = (len(SAMPLE_TILES) * TILE_SIDE, len(SAMPLE_TILES[0]) * TILE_SIDE)  # level 0 (height, width)
+SAMPLE_LEVELS = 4  # 2048, 1024, 512 and 256 px
 SAMPLE_TILE = 256
+SAMPLE_CLASS = "glomerulus"
+JPEG_QUALITY = 90  # of the shipped tiles and of the mosaic's levels
+DATA_DIR = Path(__file__).with_name("sample_data")
+ATTRIBUTION = (
+    "AIDPATH glomeruli dataset (CC BY 4.0), via sarah-antillia/TensorFlow-FlexUNet-Tiled-Image-Segmentation-Glomeruli "
+    "(mini_test): PAS tiles 10150 and 10172 (top), 10224 and 10177 (bottom), 1024 px each at 0.5 um/px. "
+    "The seams of the 2x2 mosaic are tile borders."
+)
+
+write_sample_slide = write_synthetic_slide  # the synthetic format sample, for tests that need any pyramid
 
 
 def cache_dir() -> Path:
@@ -32,103 +51,87 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("napari-nephro"))
 
 
+def sample_tile_names() -> list[str]:
+    """The shipped tiles in mosaic order (row by row)."""
+    return [name for row in SAMPLE_TILES for name in row]
+
+
 def sample_slide_path() -> Path:
-    """Path of the sample slide, written on first use (about a second)."""
-    path = cache_dir() / f"synthetic-kidney-v{SAMPLE_VERSION}.ome.tif"
+    """Path of the sample slide, written on first use (under a second)."""
+    path = cache_dir() / f"{SAMPLE_NAME}.ome.tif"
     if not path.exists():
-        write_sample_slide(path)
+        write_sample_mosaic(path)
     return path
 
 
-def write_sample_slide(path: Path, shape: tuple[int, int] = SAMPLE_SHAPE, seed: int = 0) -> Path:
-    """Write the synthetic slide to `path` atomically (a reader never sees half a file)."""
-    import tifffile
+def sample_annotations_path() -> Path:
+    """Path of the sample slide's glomeruli as QuPath GeoJSON (mosaic pixels), written on first use."""
+    from .annotations import write_geojson
 
-    image = synthetic_he(shape, seed)
+    path = cache_dir() / f"{SAMPLE_NAME}.annotations.geojson"
+    if not path.exists():
+        annotations = sample_annotations()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_geojson(annotations, path, overwrite=True)  # atomic: a second writer at once writes the same
+    return path
+
+
+def sample_annotations():
+    """The annotated glomeruli of the shipped tiles, moved to their place in the mosaic (an `AnnotationSet`)."""
+    import shapely
+
+    from .annotations import Annotation, AnnotationSet, read_geojson
+
+    found = []
+    for (row, col), name in _placed():
+        offset = np.array([col * TILE_SIDE, row * TILE_SIDE], np.float64)
+        for ann in read_geojson(_shipped(name, ".geojson")):
+            geometry = shapely.transform(ann.geometry, lambda xy, d=offset: xy + d)
+            found.append(Annotation(geometry, SAMPLE_CLASS, "annotation", {"tile": name}))
+    return AnnotationSet(found, classes=[SAMPLE_CLASS])
+
+
+def sample_mosaic() -> np.ndarray:
+    """The four shipped tiles as one (2048, 2048, 3) uint8 image."""
+    from PIL import Image
+
+    image = np.zeros((*SAMPLE_SHAPE, 3), np.uint8)
+    for (row, col), name in _placed():
+        with Image.open(_shipped(name, ".jpg")) as tile:
+            pixels = np.asarray(tile.convert("RGB"))
+        if pixels.shape != (TILE_SIDE, TILE_SIDE, 3):
+            raise OSError(
+                f"napari-nephro's sample tile {name}.jpg is {pixels.shape[1]}x{pixels.shape[0]} px, "
+                f"not {TILE_SIDE} px square: reinstall the package"
+            )
+        image[row * TILE_SIDE : (row + 1) * TILE_SIDE, col * TILE_SIDE : (col + 1) * TILE_SIDE] = pixels
+    return image
+
+
+def write_sample_mosaic(path: Path) -> Path:
+    """Write the sample slide to `path` atomically (a reader never sees half a file)."""
+    image = sample_mosaic()  # read the shipped tiles before anything is created
     path.parent.mkdir(parents=True, exist_ok=True)
-    res = 1e4 / SAMPLE_MPP  # pixels per centimetre
-    options = {
-        "tile": (SAMPLE_TILE, SAMPLE_TILE),
-        "compression": "jpeg",
-        "compressionargs": {"level": 90},
-        "photometric": "rgb",
-        "resolutionunit": "CENTIMETER",
-    }
-    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, ome=True) as tif:
-        meta = {
-            "Name": "synthetic kidney",
-            "axes": "YXS",
-            "PhysicalSizeX": SAMPLE_MPP,
-            "PhysicalSizeY": SAMPLE_MPP,
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeYUnit": "µm",
-        }
-        tif.write(image, subifds=SAMPLE_LEVELS - 1, resolution=(res, res), metadata=meta, **options)
-        level = image
-        for i in range(1, SAMPLE_LEVELS):
-            level = _halve(level)
-            tif.write(level, subfiletype=1, resolution=(res / 2**i, res / 2**i), **options)
-        label = _label_image()
-        tif.write(label, photometric="rgb", metadata={"Name": "label", "axes": "YXS"})
+    with atomic_output(path) as tmp:
+        write_ome_pyramid(
+            tmp,
+            image,
+            mpp=SAMPLE_MPP,
+            levels=SAMPLE_LEVELS,
+            tile=SAMPLE_TILE,
+            name="AIDPATH kidney PAS sample",
+            description=ATTRIBUTION,
+            quality=JPEG_QUALITY,
+        )
     return path
 
 
-def synthetic_he(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """An (h, w, 3) uint8 picture that looks, from afar, like an H&E kidney section."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    small = (h // 32, w // 32)
-    # Tissue: smoothed noise, thresholded into a few irregular fragments.
-    field = ndimage.gaussian_filter(rng.standard_normal(small), 6)
-    level = np.quantile(field, 0.45)
-    tissue_small = field > level
-    tissue = ndimage.zoom(field.astype(np.float32), (h / small[0], w / small[1]), order=1)[:h, :w] > level
-    # Nuclei: random dots grown into discs of about 7 px (3.5 um) radius.
-    nuclei = np.zeros(shape, bool)
-    count = h * w // 900
-    nuclei[rng.integers(0, h, count), rng.integers(0, w, count)] = True
-    yy, xx = np.mgrid[-7:8, -7:8]
-    nuclei = ndimage.binary_dilation(nuclei, structure=(yy**2 + xx**2) <= 36) & tissue
-    # Glomeruli: discs of 150-220 um with a pale ring (Bowman space) around a dense tuft.
-    glom_tuft = np.zeros(shape, bool)
-    glom_ring = np.zeros(shape, bool)
-    ys, xs = np.nonzero(tissue_small)
-    for k in rng.choice(len(ys), size=min(12, len(ys)), replace=False):
-        cy, cx = ys[k] * 32 + 16, xs[k] * 32 + 16
-        r = rng.uniform(150, 220) / 2 / SAMPLE_MPP
-        y0, y1, x0, x1 = (
-            max(0, int(cy - r - 30)),
-            min(h, int(cy + r + 30)),
-            max(0, int(cx - r - 30)),
-            min(w, int(cx + r + 30)),
-        )
-        d2 = (np.arange(y0, y1)[:, None] - cy) ** 2 + (np.arange(x0, x1)[None, :] - cx) ** 2
-        glom_tuft[y0:y1, x0:x1] |= d2 <= (0.85 * r) ** 2
-        glom_ring[y0:y1, x0:x1] |= (d2 <= r**2) & (d2 > (0.85 * r) ** 2)
-    tuft_nuclei = glom_tuft & (rng.random(shape, dtype=np.float32) < 0.006)
-    tuft_nuclei = ndimage.binary_dilation(tuft_nuclei, structure=(yy**2 + xx**2) <= 20)
-
-    image = np.empty((h, w, 3), np.uint8)
-    image[:] = (244, 242, 246)  # glass
-    image[tissue] = (232, 160, 196)  # eosin
-    image[glom_ring] = (246, 226, 236)
-    image[glom_tuft] = (222, 138, 190)
-    image[nuclei & ~glom_ring] = (96, 62, 146)  # haematoxylin
-    image[tuft_nuclei] = (86, 54, 140)
-    grain = rng.integers(-10, 11, size=(h, w, 1), dtype=np.int16)
-    return np.clip(image.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+def _placed() -> list[tuple[tuple[int, int], str]]:
+    return [((r, c), name) for r, row in enumerate(SAMPLE_TILES) for c, name in enumerate(row)]
 
 
-def _halve(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
-    blocks = image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.uint16)
-    return (blocks.sum(axis=(1, 3)) // 4).astype(np.uint8)
-
-
-def _label_image() -> np.ndarray:
-    label = np.full((200, 400, 3), 255, np.uint8)
-    label[20:180, 20:60] = (30, 30, 30)  # a "barcode"
-    label[20:180, 70:80] = (30, 30, 30)
-    return label
+def _shipped(name: str, suffix: str) -> Path:
+    path = DATA_DIR / f"{name}{suffix}"
+    if not path.is_file():
+        raise FileNotFoundError(f"napari-nephro's sample tile file {path} is missing: reinstall the package")
+    return path

@@ -1,7 +1,9 @@
 """The main job end to end, offline: the default model over a slide, the result as files (no napari here).
 
 Used by `nephro demo --headless`, and by `nephro demo`, which then shows the same
-files in napari.
+files in napari. Given the slide's annotated glomeruli (the sample slide has them),
+the job also says how many it found: a count alone cannot tell a good model from
+one that paints every pink blob.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..annotations import AnnotationSet
+from ..evaluation.instances import MatchResult
+from ..evaluation.tpfpfn import FN, FP, TP, TPFPFN_COLORS
 from ..io import Slide
 from ..tiling import read_scaled
 
 OVERVIEW_SIDE = 1600
 MIN_GLOMERULUS_UM2 = 2000.0  # a glomerulus cut anywhere is larger (about 50 um across): smaller pieces are noise
-GREEN = np.array([0, 200, 0], np.float32)
+DEMO_IOU = 0.5  # a found glomerulus is the annotated one when they overlap this much (the papers' threshold)
+GREEN, YELLOW, RED = (np.array(TPFPFN_COLORS[k], np.float32) for k in (TP, FP, FN))  # found, false, missed
 
 
 @dataclass
@@ -32,6 +38,16 @@ class DemoResult:
     objects: int  # glomeruli: connected pieces of at least MIN_GLOMERULUS_UM2
     fragments: int  # smaller pieces, left out of the GeoJSON (they stay in the label image)
     seconds: float
+    match: MatchResult | None = None  # the GeoJSON's objects against the annotated ones, when given
+
+    def describe_match(self) -> str | None:
+        """'5 of 6 annotated glomeruli found (IoU ≥ 0.5), 1 false positive', or None without annotations."""
+        m = self.match
+        if m is None:
+            return None
+        what = "glomerulus" if m.n_true == 1 else "glomeruli"
+        false = f"{m.fp} false positive{'' if m.fp == 1 else 's'}"
+        return f"{m.tp} of {m.n_true} annotated {what} found (IoU ≥ {m.threshold:g}), {false}"
 
 
 def slide_stem(slide: Slide) -> str:
@@ -50,14 +66,18 @@ def run_demo_job(
     device: str = "auto",
     progress: Callable | None = None,
     overwrite: bool = False,
+    truth: AnnotationSet | None = None,
 ) -> DemoResult:
     """Segment the whole slide with `model` into `out_dir`: labels (.zarr), objects (.geojson), overview (.png).
 
     The three files are named after the slide. Those of an earlier run are replaced
     only with `overwrite`; nothing else in the folder is ever touched, and a refused
-    run (a wrong model, results already there) leaves no folder behind.
+    run (a wrong model, results already there, annotations off the slide) leaves no
+    folder behind. With `truth` (level-0 polygons) the objects are matched to it and
+    the overview colours them found, false and missed.
     """
-    from ..annotations import AnnotationSet, write_geojson
+    from ..annotations import write_geojson
+    from ..annotations.model import require_inside
     from ..annotations.omezarr import read_label_zarr
     from ..inference import segment_slide
     from ..inference.output import class_objects
@@ -67,6 +87,8 @@ def run_demo_job(
     stem = slide_stem(slide)
     outputs = demo_outputs(out_dir, stem)
     check_demo_output(out_dir, outputs, overwrite=overwrite)
+    if truth is not None:
+        require_inside(truth, slide.level_shapes[0], "the annotations")  # before minutes of work
     segmenter = TorchSegmenter.from_checkpoint(model, device=device)
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +105,34 @@ def run_demo_job(
     min_px = MIN_GLOMERULUS_UM2 / (slide.mpp or 1.0) ** 2
     objects = AnnotationSet([a for a in pieces if a.area >= min_px], classes=pieces.classes)
     geojson = write_geojson(objects, geojson_path, overwrite=True)
-    overview = write_overview(slide, pyramid, overview_path)
+    match = None if truth is None else match_objects(objects, truth, slide.level_shapes[0])
+    overview = write_overview(slide, objects, overview_path, truth=truth, match=match)
     fragments = len(pieces) - len(objects)
-    return DemoResult(slide, labels_path, geojson, overview, len(objects), fragments, result.stats.seconds)
+    return DemoResult(slide, labels_path, geojson, overview, len(objects), fragments, result.stats.seconds, match)
+
+
+def match_objects(
+    found: AnnotationSet, truth: AnnotationSet, shape: tuple[int, int], iou: float = DEMO_IOU
+) -> MatchResult:
+    """Found objects matched one-to-one to annotated ones at IoU >= `iou`, both drawn block by block.
+
+    Object ids in the result's pairs are positions in each set, from 1. Polygons are
+    drawn only where they lie, so a whole slide's worth costs its objects, not its pixels.
+    """
+    from ..annotations import PolygonLabels
+    from ..evaluation.blockwise import PairCounts, block_cells, blocks, parallel_map
+    from ..evaluation.instances import match_from_table
+
+    pred, true = PolygonLabels(found, shape), PolygonLabels(truth, shape)
+
+    def cells(box):
+        y0, y1, x0, x1 = box
+        return block_cells(true.tile(1, y0, x0, y1 - y0, x1 - x0), pred.tile(1, y0, x0, y1 - y0, x1 - x0))
+
+    counts = PairCounts()
+    for part in parallel_map(cells, blocks(shape)):
+        counts.add_cells(part)
+    return match_from_table(counts.table(), iou)
 
 
 def demo_outputs(out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
@@ -106,22 +153,42 @@ def check_demo_output(out_dir: Path, outputs: tuple[Path, ...], *, overwrite: bo
         )
 
 
-def write_overview(slide: Slide, pyramid, path: Path) -> Path:
-    """The slide at most OVERVIEW_SIDE px wide, objects tinted and outlined in green."""
+def write_overview(
+    slide: Slide,
+    objects: AnnotationSet,
+    path: Path,
+    *,
+    truth: AnnotationSet | None = None,
+    match: MatchResult | None = None,
+) -> Path:
+    """The slide at most OVERVIEW_SIDE px wide with the objects tinted and outlined.
+
+    Green: found (matched to an annotated glomerulus when `match` is given); yellow:
+    found but not annotated; red outline: annotated but missed.
+    """
     from scipy import ndimage
 
     from .._atomic import atomic_output
+    from ..annotations import rasterize
 
     height, width = slide.level_shapes[0]
     scale = max(1.0, max(height, width) / OVERVIEW_SIDE)
     size = (max(1, round(height / scale)), max(1, round(width / scale)))
     rgb = read_scaled(slide, (0, 0, size[1] * scale, size[0] * scale), size).astype(np.float32)
-    level = max((i for i, d in enumerate(pyramid.downsamples) if d <= scale), default=0)
-    labels = np.asarray(pyramid.levels[level])
-    mask = np.asarray(Image.fromarray(labels > 0).resize((size[1], size[0]), Image.Resampling.NEAREST))
+    colours = np.tile(GREEN, (len(objects) + 1, 1))
+    if match is not None:
+        matched = {p for _, p, _ in match.pairs}
+        colours[[i for i in range(1, len(objects) + 1) if i not in matched]] = YELLOW
+    ids = rasterize(objects, size, downsample=scale)
+    mask = ids > 0
     outline = mask & ~ndimage.binary_erosion(mask, iterations=2)
-    rgb[mask] = 0.65 * rgb[mask] + 0.35 * GREEN
-    rgb[outline] = GREEN
+    rgb[mask] = 0.65 * rgb[mask] + 0.35 * colours[ids[mask]]
+    rgb[outline] = colours[ids[outline]]
+    if truth is not None and match is not None:
+        found = {t for t, _, _ in match.pairs}
+        missed = AnnotationSet([a for i, a in enumerate(truth, start=1) if i not in found])
+        drawn = rasterize(missed, size, downsample=scale) > 0
+        rgb[drawn & ~ndimage.binary_erosion(drawn, iterations=3)] = RED
     with atomic_output(path) as tmp:
         Image.fromarray(rgb.astype(np.uint8)).save(tmp, format="PNG")
     return path
