@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--input", type=int, default=160)
     parser.add_argument("--stain-jitter", type=float, default=0.3)
     parser.add_argument("--scale-jitter", type=float, default=0.3)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--half", action="store_true")
@@ -76,6 +77,7 @@ def main() -> None:
         batch_size=args.batch,
         lr=args.lr,
         seed=args.seed,
+        val_fraction=args.val_fraction,
         loss=args.loss,
         stain_jitter=args.stain_jitter,
         scale_jitter=args.scale_jitter,

@@ -82,6 +82,31 @@ def test_segmenter_gives_probabilities_at_tile_size(tmp_path):
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)  # softmax over background + 3 classes
 
 
+def test_flips_average_the_tile_and_its_three_mirror_images(tmp_path):
+    """`flips` in config.json: the prediction is the mean over the four flips, each flipped back."""
+    torch.manual_seed(0)
+    config = small_config("unet", input_size=64)
+    config.tile_size, config.overlap = 64, 0
+    network = build_network(config).eval()
+    save_checkpoint(network, config, tmp_path / "plain")
+    config.flips = True
+    save_checkpoint(network, config, tmp_path / "flips")
+    assert json.loads((tmp_path / "flips" / "config.json").read_text())["flips"] is True
+    assert "flips" not in json.loads((tmp_path / "plain" / "config.json").read_text())  # older readers still read it
+    plain = TorchSegmenter.from_checkpoint(tmp_path / "plain", device="cpu")
+    flips = TorchSegmenter.from_checkpoint(tmp_path / "flips", device="cpu")
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    views = [(), (1,), (2,), (1, 2)]  # axes of (N, H, W, 3) tiles; the output is (N, C, H, W)
+    expected = np.mean(
+        [np.flip(plain.predict(np.ascontiguousarray(np.flip(tiles, a))), tuple(x + 1 for x in a)) for a in views],
+        axis=0,
+    )
+    np.testing.assert_allclose(flips.predict(tiles), expected, atol=1e-5)
+    assert not np.allclose(flips.predict(tiles), plain.predict(tiles), atol=1e-3)  # it did change something
+    with pytest.raises(ModelError, match="flips must be true or false"):
+        ModelConfig(arch="unet", flips="yes")
+
+
 def test_model_init_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "fresh"
     assert (

@@ -75,13 +75,20 @@ class TorchSegmenter:
                 x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
             )
         x = (x - self._mean) / self._std
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            logits = self.network(x)
-        logits = logits.float()
-        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        probs = self._probabilities(x)
+        if self.config.flips:  # the mean over the tile and its flips: what one view misses, another may see
+            for dims in ((-1,), (-2,), (-2, -1)):
+                probs += self._probabilities(x.flip(dims)).flip(dims)
+            probs /= 4
         if probs.shape[-2:] != size:
             probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return probs.cpu().numpy()
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            logits = self.network(x)
+        logits = logits.float()
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike[str]) -> str:
