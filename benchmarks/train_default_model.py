@@ -1,16 +1,19 @@
 """Train the default glomerulus model on every annotated glomerulus we may train on.
 
-    python benchmarks/train_default_model.py --out default-model [--epochs 300] [--encoder mobilenet_v2]
-        [--lr 3e-3] [--decoder-channels 128 64 32 16 8] [--seed 0] [--device cpu]
+    python benchmarks/train_default_model.py --out default-model [--overlap 448] [--epochs 150]
+        [--encoder mobilenet_v2] [--lr 1e-3] [--decoder-channels 128 64 32 16 8] [--seed 0] [--device cpu]
 
 Data (see _glomeruli_data.py): the AIDPATH PAS tiles and the BUPT PAS / PASM /
 trichrome images that are not held out, BUPT at pixel sizes estimated from their
 glomeruli. All BUPT classes are one class, glomerulus. The network works at
-2 um/px: 512 px tiles at 1 um/px resized to 256 px, so a glomerulus (~180 um) is
-~90 px and a tile (512 um) holds it with its surroundings. The recipe is the
-library's (`nephro train`'s): BCE + Lovasz, AdamW, warm-up then cosine, flips,
-rotations, zoom, HED stain jitter. The checkpoint gets the object rules the engine
-applies (fill holes, drop < 2,000 um2, split touching glomeruli, smooth outlines).
+3.2 um/px, the BMC Nephrology paper's scale: 512 px tiles at 1 um/px resized to
+160 px, so a glomerulus (~180 um) is ~56 px and a tile (512 um) holds it with its
+surroundings. Training tiles overlap by 448 px (`--overlap`), so each glomerulus is
+seen at many places in a tile; segmenting, the model's tiles overlap by 128 px. The recipe is the
+library's (`nephro train`'s): BCE + soft Dice, AdamW, warm-up then cosine, flips,
+rotations, shifts, zoom, HED stain jitter. The checkpoint gets the object rules the
+engine applies (fill holes, drop < 2,000 um2, split touching glomeruli, smooth
+outlines) and flip test-time augmentation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from napari_nephro.pipelines.export import load_items
 from napari_nephro.pipelines.train import train_items
 from napari_nephro.training import Recipe
 
+SEGMENT_OVERLAP = 128  # px at 1 um/px between the tiles of a segmentation run
 ATTRIBUTION = (
     "AIDPATH glomeruli (CC BY 4.0), PAS tiles via sarah-antillia/TensorFlow-FlexUNet-Tiled-Image-Segmentation-"
     "Glomeruli; BUPT multistain renal biopsies (Jiang et al., Am J Pathol 2021; bupt-ai-cz/Glomeruli-Instance-"
@@ -110,7 +114,22 @@ def main() -> None:
         on_cut=None,
         on_epoch=on_epoch,
     )
+    if result.path is not None:
+        ship_rules(result.path)
     print(json.dumps({"path": str(result.path), "best_epoch": result.best_epoch, "val_dice": result.best_dice}))
+
+
+def ship_rules(folder: Path) -> None:
+    """What the engine does with the network's output: whole objects, and the mean over flipped tiles."""
+    from napari_nephro._atomic import atomic_output
+    from napari_nephro.inference.objects import ObjectRules
+    from napari_nephro.models import ModelConfig
+
+    config = ModelConfig.from_file(folder / "config.json")
+    config.objects, config.flips = ObjectRules().to_config(), True
+    config.overlap = SEGMENT_OVERLAP  # the training overlap multiplies examples; segmenting, it would multiply time
+    with atomic_output(folder / "config.json") as tmp:
+        tmp.write_text(config.to_json())
 
 
 if __name__ == "__main__":
