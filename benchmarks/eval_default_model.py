@@ -117,6 +117,18 @@ def pooled(rows: list[dict]) -> tuple[str, str, str]:
     return tuple("-" if v is None else f"{v:.3f}" for v in (p, r, f1))
 
 
+def scores(rows: list[dict]) -> tuple:
+    """images, glomeruli, objects found, Dice, crop Dice, precision, recall, F1 of a group of images."""
+    return (
+        len(rows),
+        sum(len(r["crops"]) for r in rows),
+        sum(r["objects"] for r in rows),
+        mean(r["dice"] for r in rows),
+        mean(d for r in rows for _, d in r["crops"]),
+        *pooled(rows),
+    )
+
+
 def mean(values) -> str:
     values = [v for v in values if v is not None]
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-"
@@ -139,18 +151,7 @@ def bupt(models: dict, calibrated: bool) -> None:
             groups[stain(image)].append(row)
         groups["all"] = list(by_image.values())
         for group, members in groups.items():
-            rows.append(
-                (
-                    name,
-                    group,
-                    len(members),
-                    sum(len(r["crops"]) for r in members),
-                    sum(r["objects"] for r in members),
-                    mean(r["dice"] for r in members),
-                    mean(d for r in members for _, d in r["crops"]),
-                    *pooled(members),
-                )
-            )
+            rows.append((name, group, *scores(members)))
     print_table(
         f"Held-out BUPT biopsies ({len(items)} images) {scale}",
         ("model", "stain", "images", "glomeruli", "found", "Dice", "crop Dice", "precision", "recall", "F1 @0.5"),
@@ -178,17 +179,7 @@ def aidpath(models: dict) -> None:
         for item in items:
             truth, classes = truth_of(item, item.shape)
             scored.append(score_image(predict(model, item.image, AIDPATH_MPP), truth, classes))
-        rows.append(
-            (
-                name,
-                len(items),
-                sum(len(r["crops"]) for r in scored),
-                sum(r["objects"] for r in scored),
-                mean(r["dice"] for r in scored),
-                mean(d for r in scored for _, d in r["crops"]),
-                *pooled(scored),
-            )
-        )
+        rows.append((name, *scores(scored)))
     print_table(
         "Held-out AIDPATH PAS tiles at 0.5 um/px",
         ("model", "images", "glomeruli", "found", "Dice", "crop Dice", "precision", "recall", "F1 @0.5"),

@@ -1,6 +1,6 @@
 """Train the default glomerulus model on every annotated glomerulus we may train on.
 
-    python benchmarks/train_default_model.py --out default-model [--overlap 448] [--epochs 150]
+    python benchmarks/train_default_model.py --out default-model [--overlap 384] [--epochs 200]
         [--encoder mobilenet_v2] [--lr 1e-3] [--decoder-channels 128 64 32 16 8] [--seed 0] [--device cpu]
 
 Data (see _glomeruli_data.py): the AIDPATH PAS tiles and the BUPT PAS / PASM /
@@ -8,7 +8,7 @@ trichrome images that are not held out, BUPT at pixel sizes estimated from their
 glomeruli. All BUPT classes are one class, glomerulus. The network works at
 3.2 um/px, the BMC Nephrology paper's scale: 512 px tiles at 1 um/px resized to
 160 px, so a glomerulus (~180 um) is ~56 px and a tile (512 um) holds it with its
-surroundings. Training tiles overlap by 448 px (`--overlap`), so each glomerulus is
+surroundings. Training tiles overlap by 384 px (`--overlap`), so each glomerulus is
 seen at many places in a tile; segmenting, the model's tiles overlap by 128 px. The recipe is the
 library's (`nephro train`'s): BCE + soft Dice, AdamW, warm-up then cosine, flips,
 rotations, shifts, zoom, HED stain jitter. The checkpoint gets the object rules the
@@ -56,7 +56,7 @@ def training_items():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--encoder", default="mobilenet_v2")
     parser.add_argument("--decoder-channels", type=int, nargs="+", default=[128, 64, 32, 16, 8])
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mpp", type=float, default=1.0)
     parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--overlap", type=int, default=256)
+    parser.add_argument("--overlap", type=int, default=384)
     parser.add_argument("--input", type=int, default=160)
     parser.add_argument("--stain-jitter", type=float, default=0.3)
     parser.add_argument("--scale-jitter", type=float, default=0.3)

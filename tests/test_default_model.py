@@ -30,8 +30,8 @@ def test_the_default_model_ships_small_with_its_provenance():
     assert segmenter.classes == ["glomerulus"] and segmenter.fingerprint
 
 
-def test_the_default_model_finds_the_glomerulus_of_a_training_tile():
-    """It learned something: on an AIDPATH tile its mask overlaps the annotated glomerulus."""
+def test_the_default_model_outlines_the_glomerulus_of_a_held_out_tile():
+    """On an AIDPATH tile it never trained on, one object that outlines the annotated glomerulus."""
     from napari_nephro.inference import segment_region
 
     source = require_shared("glomeruli", "aidpath_pas")
@@ -39,7 +39,8 @@ def test_the_default_model_finds_the_glomerulus_of_a_training_tile():
     result = segment_region(open_slide(source / "images" / name, mpp=0.5), TorchSegmenter.from_checkpoint(DEFAULT))
     truth = np.asarray(Image.open(source / "masks" / name))[..., 0] > 0
     pred = result.array > 0
-    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.3
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.75
+    assert result.summary.count == 1
 
 
 def test_the_demo_finds_the_sample_slides_glomeruli(tmp_path, capsys):

@@ -360,18 +360,42 @@ def test_rules_round_trip_through_config_json_and_reach_the_segmenter(tmp_path):
 
 
 # -- the command line -----------------------------------------------------------------------
-def test_segment_prints_what_it_found_and_warns_about_a_glomerulus_model_on_skin(tmp_path, capsys):
-    """The shipped model on a skin slide: the count printed is that of the objects written, and it says so."""
+def found_line(n: int) -> str:
+    """How the summary starts for n objects of the class glomerulus."""
+    return "no glomeruli found" if n == 0 else f"{n:,} {'glomerulus' if n == 1 else 'glomeruli'} found"
+
+
+def painting_model(folder: Path) -> Path:
+    """The shipped network with its output bias raised: it marks most tissue glomerulus, as a model on the
+    wrong slide (or at the wrong pixel size) does."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from napari_nephro.models.checkpoint import DEFAULT_FOLDER
+
+    shutil.copytree(DEFAULT_FOLDER, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["segmentation_head.0.bias"] = weights["segmentation_head.0.bias"] + torch.tensor(8.0)
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_segment_prints_what_it_found_and_warns_when_it_cannot_be_glomeruli(tmp_path, capsys):
+    """The count printed is that of the objects written; a prediction over most of the tissue is flagged."""
     slide = require_shared("wsi", "CMU-1-Small-Region.svs")
     out = tmp_path / "skin.zarr"
     assert main(["segment", str(slide), "--model", "default", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr()
-    summary_line = printed.out.strip().splitlines()[-1]
-    labels = np.asarray(read_label_zarr(out).levels[0])
-    n = objects_of(labels)[1]
-    assert summary_line.startswith(f"{n:,} glomeruli found") or (n == 0 and summary_line == "no glomeruli found")
+    n = objects_of(np.asarray(read_label_zarr(out).levels[0]))[1]
+    assert printed.out.strip().splitlines()[-1].startswith(found_line(n))
+    model = painting_model(tmp_path / "painting")
+    out = tmp_path / "painted.zarr"
+    assert main(["segment", str(slide), "--model", str(model), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    n = objects_of(np.asarray(read_label_zarr(out).levels[0]))[1]
+    assert printed.out.strip().splitlines()[-1].startswith(found_line(n))
     warnings = [line for line in printed.err.splitlines() if line.startswith("nephro: warning: ")]
-    assert len(warnings) == 1 and "pixel size" in warnings[0], printed.err
+    assert len(warnings) == 1 and "pixel size" in warnings[0] and "tissue" in warnings[0], printed.err
 
 
 def test_no_objects_keeps_the_pixel_map_of_a_model_with_rules(tmp_path, capsys):
@@ -390,7 +414,7 @@ def test_no_objects_keeps_the_pixel_map_of_a_model_with_rules(tmp_path, capsys):
     raw = np.asarray(read_label_zarr(tmp_path / "b.zarr").levels[0])
     lines = capsys.readouterr().out.splitlines()
     pieces, n = objects_of(cleaned)
-    assert lines[1].startswith(f"{n:,} glomeruli found") or (n == 0 and lines[1] == "no glomeruli found")
+    assert lines[1].startswith(found_line(n))
     areas = np.bincount(pieces.ravel())[1:] * 0.499**2
     assert (areas >= 2000).all()
     raw_areas = np.bincount(objects_of(raw)[0].ravel())[1:] * 0.499**2
