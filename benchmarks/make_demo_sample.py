@@ -22,16 +22,18 @@ from PIL import Image
 
 from napari_nephro._atomic import atomic_output
 from napari_nephro.annotations import Annotation, AnnotationSet, read_annotations, write_geojson
-from napari_nephro.pipelines.demo import MIN_GLOMERULUS_UM2
+from napari_nephro.models.object_rules import ObjectRules
 from napari_nephro.sample import DATA_DIR, JPEG_QUALITY, SAMPLE_CLASS, SAMPLE_MPP, TILE_SIDE, sample_tile_names
 
 DEFAULT_DATA = Path(os.environ.get("NEPHRO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SIMPLIFY_PX = 0.5  # the masks' pixel staircase becomes straight edges within half a pixel: a tenth of the vertices
 
+MIN_AREA_UM2 = ObjectRules().min_area_um2  # a piece the default model would keep as a glomerulus
+
 
 def tile_annotations(mask: Path) -> AnnotationSet:
     """The glomeruli of one mask: its connected components of glomerulus size, as polygons in tile pixels."""
-    min_px = MIN_GLOMERULUS_UM2 / SAMPLE_MPP**2
+    min_px = MIN_AREA_UM2 / SAMPLE_MPP**2
     found = []
     for ann in read_annotations(mask):  # a one-colour mask: one object per connected component
         if ann.area >= min_px:

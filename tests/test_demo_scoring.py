@@ -9,7 +9,7 @@ from PIL import Image
 from napari_nephro.annotations import Annotation, AnnotationSet
 from napari_nephro.evaluation.tpfpfn import FN, FP, TP, TPFPFN_COLORS
 from napari_nephro.io import open_slide
-from napari_nephro.pipelines.demo import DemoResult, match_objects, write_overview
+from napari_nephro.pipelines.demo import describe_match, match_objects, write_overview
 from napari_nephro.sample import SAMPLE_SHAPE, sample_annotations, sample_slide_path
 
 
@@ -27,8 +27,7 @@ def test_found_objects_are_matched_one_to_one_to_the_annotations():
     match = match_objects(found, truth, SAMPLE_SHAPE)
     assert (match.n_true, match.n_pred, match.tp, match.fp, match.fn) == (6, 6, 5, 1, 1)
     assert {t for t, _, _ in match.pairs} == {1, 2, 3, 4, 5}
-    result = DemoResult(None, None, None, None, len(found), 0, 0.0, match)
-    assert result.describe_match() == "5 of 6 annotated glomeruli found (IoU ≥ 0.5), 1 false positive"
+    assert describe_match(match) == "5 of 6 annotated glomeruli found (IoU ≥ 0.5), 1 false positive"
     # a found glomerulus shifted by more than half its width is no longer the annotated one
     far = AnnotationSet([Annotation(shapely.affinity.translate(truth[0].geometry, xoff=300), "glomerulus")])
     assert match_objects(far, truth, SAMPLE_SHAPE).tp == 0

@@ -182,9 +182,9 @@ def test_tiles_and_associated_images_read_from_many_threads_are_intact(tmp_path)
     """One file position is shared by the tile reads and tifffile's own reads of associated images."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from napari_nephro.sample import write_sample_slide
+    from napari_nephro.synthetic import write_synthetic_slide
 
-    slide = open_slide(write_sample_slide(tmp_path / "s.ome.tif"), cache_bytes=0)
+    slide = open_slide(write_synthetic_slide(tmp_path / "s.ome.tif"), cache_bytes=0)
     assert slide.backend == "tifffile" and "label" in slide.associated_images
     rows, cols = (-(-s // t) for s, t in zip(slide.level_shapes[1], slide.tile_shapes[1], strict=True))
     keys = [(ty, tx) for ty in range(rows) for tx in range(cols)]

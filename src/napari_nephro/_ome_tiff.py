@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_output
+
 
 def write_ome_pyramid(
     path: Path,
@@ -24,7 +26,8 @@ def write_ome_pyramid(
     associated: dict[str, np.ndarray] | None = None,
     quality: int = 90,
 ) -> Path:
-    """Write `image` (h, w, 3) uint8 and `levels - 1` halvings to `path` (the caller makes it atomic).
+    """Write `image` (h, w, 3) uint8 and `levels - 1` halvings to `path`, atomically (a reader never sees
+    half a file), making its folder when needed.
 
     `associated` images (e.g. {"label": ...}) follow as separate, untiled series.
     """
@@ -49,7 +52,8 @@ def write_ome_pyramid(
     }
     if description:
         meta["Description"] = description
-    with tifffile.TiffWriter(path, ome=True) as tif:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, ome=True) as tif:
         tif.write(image, subifds=levels - 1, resolution=(res, res), metadata=meta, **options)
         level = image
         for i in range(1, levels):

@@ -762,10 +762,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             truth=truth,
         )
-    print(
-        f"{job.objects} glomeruli found in {slide.source.name} in {job.seconds:.0f} s "
-        f"({job.fragments} smaller pieces left out of the polygons)"
-    )
+    print(f"{job.summary}, in {slide.source.name} in {job.seconds:.0f} s")
+    if job.warning:
+        print(f"nephro: warning: {job.warning}", file=sys.stderr)
     if job.match is not None:
         print(job.describe_match())
     for what, file in (("labels", job.labels), ("polygons", job.geojson), ("overview", job.overview)):

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
 from ._ome_tiff import write_ome_pyramid
-from .synthetic import write_synthetic_slide
 
 SAMPLE_VERSION = 1  # bump when the shipped tiles or the way the mosaic is written change
 SAMPLE_NAME = f"aidpath-kidney-v{SAMPLE_VERSION}"
@@ -37,8 +35,6 @@ ATTRIBUTION = (
     "(mini_test): PAS tiles 10150 and 10172 (top), 10224 and 10177 (bottom), 1024 px each at 0.5 um/px. "
     "The seams of the 2x2 mosaic are tile borders."
 )
-
-write_sample_slide = write_synthetic_slide  # the synthetic format sample, for tests that need any pyramid
 
 
 def cache_dir() -> Path:
@@ -111,18 +107,16 @@ def sample_mosaic() -> np.ndarray:
 def write_sample_mosaic(path: Path) -> Path:
     """Write the sample slide to `path` atomically (a reader never sees half a file)."""
     image = sample_mosaic()  # read the shipped tiles before anything is created
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        write_ome_pyramid(
-            tmp,
-            image,
-            mpp=SAMPLE_MPP,
-            levels=SAMPLE_LEVELS,
-            tile=SAMPLE_TILE,
-            name="AIDPATH kidney PAS sample",
-            description=ATTRIBUTION,
-            quality=JPEG_QUALITY,
-        )
+    write_ome_pyramid(
+        path,
+        image,
+        mpp=SAMPLE_MPP,
+        levels=SAMPLE_LEVELS,
+        tile=SAMPLE_TILE,
+        name="AIDPATH kidney PAS sample",
+        description=ATTRIBUTION,
+        quality=JPEG_QUALITY,
+    )
     return path
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
 from ._ome_tiff import write_ome_pyramid
 
 SYNTHETIC_MPP = 0.5  # micrometres per pixel at level 0 (a 20x scan)
@@ -25,17 +24,15 @@ SYNTHETIC_TILE = 256
 def write_synthetic_slide(path: Path, shape: tuple[int, int] = SYNTHETIC_SHAPE, seed: int = 0) -> Path:
     """Write the synthetic slide to `path` atomically (a reader never sees half a file)."""
     image = synthetic_he(shape, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        write_ome_pyramid(
-            tmp,
-            image,
-            mpp=SYNTHETIC_MPP,
-            levels=SYNTHETIC_LEVELS,
-            tile=SYNTHETIC_TILE,
-            name="synthetic kidney",
-            associated={"label": _label_image()},
-        )
+    write_ome_pyramid(
+        path,
+        image,
+        mpp=SYNTHETIC_MPP,
+        levels=SYNTHETIC_LEVELS,
+        tile=SYNTHETIC_TILE,
+        name="synthetic kidney",
+        associated={"label": _label_image()},
+    )
     return path
 
 

@@ -24,7 +24,6 @@ from ..io import Slide
 from ..tiling import read_scaled
 
 OVERVIEW_SIDE = 1600
-MIN_GLOMERULUS_UM2 = 2000.0  # a glomerulus cut anywhere is larger (about 50 um across): smaller pieces are noise
 DEMO_IOU = 0.5  # a found glomerulus is the annotated one when they overlap this much (the papers' threshold)
 GREEN, YELLOW, RED = (np.array(TPFPFN_COLORS[k], np.float32) for k in (TP, FP, FN))  # found, false, missed
 
@@ -35,19 +34,22 @@ class DemoResult:
     labels: Path  # OME-Zarr label image at the slide's full resolution
     geojson: Path  # one polygon per glomerulus, for QuPath
     overview: Path  # PNG: the slide with the glomeruli outlined
-    objects: int  # glomeruli: connected pieces of at least MIN_GLOMERULUS_UM2
-    fragments: int  # smaller pieces, left out of the GeoJSON (they stay in the label image)
+    objects: int  # glomeruli: the label image's objects, after the model's own object rules
+    summary: str  # "5 glomeruli found, 7,700 to 38,000 um2 (median ...)"
+    warning: str | None  # when what was found cannot be glomeruli
     seconds: float
     match: MatchResult | None = None  # the GeoJSON's objects against the annotated ones, when given
 
     def describe_match(self) -> str | None:
-        """'5 of 6 annotated glomeruli found (IoU ≥ 0.5), 1 false positive', or None without annotations."""
-        m = self.match
-        if m is None:
-            return None
-        what = "glomerulus" if m.n_true == 1 else "glomeruli"
-        false = f"{m.fp} false positive{'' if m.fp == 1 else 's'}"
-        return f"{m.tp} of {m.n_true} annotated {what} found (IoU ≥ {m.threshold:g}), {false}"
+        """The match in words, or None without annotations."""
+        return None if self.match is None else describe_match(self.match)
+
+
+def describe_match(m: MatchResult) -> str:
+    """'5 of 6 annotated glomeruli found (IoU ≥ 0.5), 1 false positive'."""
+    what = "glomerulus" if m.n_true == 1 else "glomeruli"
+    false = f"{m.fp} false positive{'' if m.fp == 1 else 's'}"
+    return f"{m.tp} of {m.n_true} annotated {what} found (IoU ≥ {m.threshold:g}), {false}"
 
 
 def slide_stem(slide: Slide) -> str:
@@ -101,14 +103,22 @@ def run_demo_job(
                 out_dir.rmdir()  # the folder this run made, if it is still empty
         raise
     pyramid = read_label_zarr(labels_path)
-    pieces = class_objects(pyramid.levels[0], pyramid.classes)
-    min_px = MIN_GLOMERULUS_UM2 / (slide.mpp or 1.0) ** 2
-    objects = AnnotationSet([a for a in pieces if a.area >= min_px], classes=pieces.classes)
+    objects = class_objects(pyramid.levels[0], pyramid.classes)  # specks were dropped by the model's rules
     geojson = write_geojson(objects, geojson_path, overwrite=True)
     match = None if truth is None else match_objects(objects, truth, slide.level_shapes[0])
     overview = write_overview(slide, objects, overview_path, truth=truth, match=match)
-    fragments = len(pieces) - len(objects)
-    return DemoResult(slide, labels_path, geojson, overview, len(objects), fragments, result.stats.seconds, match)
+    summary = result.summary
+    return DemoResult(
+        slide,
+        labels_path,
+        geojson,
+        overview,
+        len(objects),
+        summary.describe(),
+        summary.warning(),
+        result.stats.seconds,
+        match,
+    )
 
 
 def match_objects(
