@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_nephro.sample import sample_tile_names
+
 DATA = Path(os.environ.get("NEPHRO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 AIDPATH = DATA / "glomeruli" / "aidpath_pas"
 BUPT = DATA / "glomeruli" / "bupt_multistain_dev"
 AIDPATH_MPP = 0.5  # 20x Aperio
 GLOMERULUS_DIAMETER_UM = 180.0  # median equivalent diameter of the AIDPATH tiles' whole glomeruli
-SAMPLE_TILES = ("10150", "10172", "10177", "10224")  # the package's sample slide
+SAMPLE_TILES = tuple(sorted(sample_tile_names()))  # the package's sample slide: never trained on
 HELD_OUT_AIDPATH = (*SAMPLE_TILES, "10003", "10102")
 HELD_OUT_BIOPSIES = ("20180002", "20180022", "20181338", "20181352", "20181471", "20181472")
 CLASS_GROUPS = {"gn": "normal", "gs": "global sclerosis", "gl": "other lesions", "gm": "other lesions"}

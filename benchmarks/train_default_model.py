@@ -33,6 +33,8 @@ from _glomeruli_data import (
 from napari_nephro.pipelines.export import load_items
 from napari_nephro.pipelines.train import train_items
 from napari_nephro.training import Recipe
+from napari_nephro.training.augment import SCALE_JITTER, STAIN_JITTER
+from napari_nephro.training.loop import LOSSES
 
 SEGMENT_OVERLAP = 128  # px at 1 um/px between the tiles of a segmentation run
 ATTRIBUTION = (
@@ -60,14 +62,14 @@ def main() -> None:
     parser.add_argument("--encoder", default="mobilenet_v2")
     parser.add_argument("--decoder-channels", type=int, nargs="+", default=[128, 64, 32, 16, 8])
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--loss", default="dice")
+    parser.add_argument("--loss", default="dice", choices=LOSSES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mpp", type=float, default=1.0)
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=384)
     parser.add_argument("--input", type=int, default=160)
-    parser.add_argument("--stain-jitter", type=float, default=0.3)
-    parser.add_argument("--scale-jitter", type=float, default=0.3)
+    parser.add_argument("--stain-jitter", type=float, default=STAIN_JITTER)
+    parser.add_argument("--scale-jitter", type=float, default=SCALE_JITTER)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

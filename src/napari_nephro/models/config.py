@@ -14,6 +14,7 @@ from pathlib import Path
 from .._limits import MAX_TILE, MIN_TILE  # the tile side and mpp limits every command that lays tiles keeps
 from .._limits import WORK_MPP as MPP_RANGE
 from .errors import ModelError
+from .object_rules import ObjectRules
 
 ARCHITECTURES = ("unet", "unet3plus", "swin_unet")
 DEFAULT_ENCODERS = {"unet": "resnet34", "unet3plus": "resnet34", "swin_unet": "tu-swin_tiny_patch4_window7_224"}
@@ -95,10 +96,8 @@ class ModelConfig:
         if self.version < 1:
             raise ModelError(f"config version must be 1 or more, not {self.version}")
 
-    def object_rules(self):
+    def object_rules(self) -> ObjectRules | None:
         """The `objects` entry as `ObjectRules` (validated), or None."""
-        from ..inference.objects import ObjectRules  # numpy and scipy: only when a config is checked
-
         return ObjectRules.from_config(self.objects)
 
     @property
@@ -121,6 +120,8 @@ class ModelConfig:
             raise ModelError(f"{path.parent}: not a checkpoint folder (no config.json)") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{path}: not valid JSON ({exc})") from None
+        except OSError as exc:  # a folder named config.json, no permission
+            raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except RecursionError:
             raise ModelError(
                 f"{path}: not a checkpoint config (JSON nested more than {MAX_DEPTH} levels deep)"

@@ -36,7 +36,7 @@ def jitter_stains(image: torch.Tensor, amount: float) -> torch.Tensor:
 
     The deconvolution uses scikit-image's HED matrices in optical density, without
     `rgb2hed`'s clipping of negative amounts: colours outside the H-E-DAB basis (the
-    blue of a trichrome) come back unchanged when nothing is jittered.
+    blue of a trichrome) come back unchanged when nothing is jittered (black, 0, comes back as 1).
     """
     from skimage.color import hed_from_rgb, rgb_from_hed
 
@@ -53,7 +53,9 @@ def jitter_stains(image: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 class Augment:
-    def __init__(self, stain: float = STAIN_JITTER, scale: tuple[float, float] = (1 / 1.3, 1.3)) -> None:
+    def __init__(
+        self, stain: float = STAIN_JITTER, scale: tuple[float, float] = (1 / (1 + SCALE_JITTER), 1 + SCALE_JITTER)
+    ) -> None:
         fill = {tv_tensors.Image: 255, tv_tensors.Mask: 0}
         self.stain = stain
         self.geometric = v2.Compose(

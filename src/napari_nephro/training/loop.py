@@ -61,7 +61,7 @@ class Recipe:
     augment: bool = True
     loss: str = "dice"  # the second term beside BCE / cross-entropy: "dice" or "lovasz" (the paper's)
     stain_jitter: float = STAIN_JITTER  # each HED stain's amount scaled by 1 +- this (0: off)
-    scale_jitter: float = SCALE_JITTER  # zoom between 1 / (1 + this) and 1 + this (0: the paper's 0.9 to 1.1)
+    scale_jitter: float = SCALE_JITTER  # zoom between 1 / (1 + this) and 1 + this (0: 0.9 to 1.1 at least)
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
