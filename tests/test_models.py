@@ -137,6 +137,9 @@ def _broken(folder, what):
         (folder / "config.json").write_text(json.dumps(config))
     elif what == "not safetensors":
         (folder / "model.safetensors").write_bytes(b"PK\x03\x04 a pickle in disguise")
+    elif what == "config is a folder":
+        (folder / "config.json").unlink()
+        (folder / "config.json").mkdir()
 
 
 @pytest.mark.parametrize(
@@ -147,6 +150,7 @@ def _broken(folder, what):
         ("other arch", "do not fit a unet3plus"),
         ("unknown arch", "unknown architecture 'segformer'"),
         ("not safetensors", "not a readable safetensors file"),
+        ("config is a folder", "config.json: cannot be read"),
     ],
 )
 def test_a_wrong_checkpoint_folder_is_one_line(tmp_path, what, reason):

@@ -332,6 +332,9 @@ def test_the_summary_of_a_label_image_without_rules_knows_glomeruli_but_not_othe
         ({"smooth_um": -1}, "smooth_um must be a finite number of at least 0"),
         ({"split_min_um": "40"}, "split_min_um must be a finite number"),
         ({"fill_holes": 1}, "fill_holes must be true or false"),
+        ({"smooth_um": 2000}, "smooth_um must be at most 50"),  # a typo for 2.0: margins of GiB
+        ({"split_min_um": 4e4}, "split_min_um must be at most 1000"),
+        ({"min_area_um2": 3e5}, "is larger than max_area_um2"),
         ([2000], "objects must be a JSON object"),
     ],
 )
