@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from napari_nephro._atomic import atomic_output
 from napari_nephro.annotations import Annotation, AnnotationSet, read_annotations, write_geojson
+from napari_nephro.common.atomic import atomic_output
 from napari_nephro.models.object_rules import ObjectRules
 from napari_nephro.sample import DATA_DIR, JPEG_QUALITY, SAMPLE_CLASS, SAMPLE_MPP, TILE_SIDE, sample_tile_names
 

@@ -123,7 +123,7 @@ def main() -> None:
 
 def ship_rules(folder: Path) -> None:
     """What the engine does with the network's output: whole objects, and the mean over flipped tiles."""
-    from napari_nephro._atomic import atomic_output
+    from napari_nephro.common.atomic import atomic_output
     from napari_nephro.inference.objects import ObjectRules
     from napari_nephro.models import ModelConfig
 

@@ -79,7 +79,7 @@ def write_pyramid(path: Path, levels: list[np.ndarray], layout: str, mpp: float 
 @pytest.fixture
 def notifications(monkeypatch) -> list[str]:
     """The messages the napari readers and writers show, captured instead of shown."""
-    import napari_nephro._reading as reading
+    import napari_nephro.plugin.reading as reading
 
     shown: list[str] = []
     monkeypatch.setattr(reading, "notify", lambda message, error=True: shown.append(message))

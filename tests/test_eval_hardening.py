@@ -16,7 +16,6 @@ from scipy import ndimage
 from shapely.geometry import Polygon, box
 
 from conftest import require_shared
-from napari_nephro._json import JSONFileError, read_json
 from napari_nephro.annotations import (
     Annotation,
     AnnotationError,
@@ -30,6 +29,7 @@ from napari_nephro.annotations import (
 )
 from napari_nephro.annotations import raster as raster_module
 from napari_nephro.cli import main
+from napari_nephro.common.json_io import JSONFileError, read_json
 from napari_nephro.pipelines import evaluate, evaluate_pair, export
 from napari_nephro.pipelines.evaluate import _rasterized
 

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import require_shared
 from napari_nephro.io import Slide
+from napari_nephro.plugin.widgets.slide_info import SlideInfoWidget
 from napari_nephro.sample import SAMPLE_LEVELS, SAMPLE_MPP, SAMPLE_SHAPE
-from napari_nephro.widgets.slide_info import SlideInfoWidget
 
 
 def test_reader_opens_a_slide_as_a_multiscale_layer_in_micrometres(make_napari_viewer):
@@ -50,7 +50,7 @@ def test_a_file_that_is_not_a_slide_is_one_notification_not_a_crash(make_napari_
 
 
 def test_reader_refuses_what_it_cannot_read():
-    from napari_nephro._reader import get_reader
+    from napari_nephro.plugin.reader import get_reader
 
     assert get_reader("annotations.geojson") is None
     assert get_reader("image.nd2") is None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import require_shared
-from napari_nephro.widgets.compare import CompareWidget
+from napari_nephro.plugin.widgets.compare import CompareWidget
 
 
 def test_geojson_opens_as_shapes_aligned_with_the_open_slide(make_napari_viewer):
@@ -63,7 +63,7 @@ def test_compare_adds_a_green_yellow_red_layer_and_a_table(compare):
     assert widget.csv_text().splitlines()[0].startswith("side,id,class")
     fn_row = next(i for i, r in enumerate(widget.rows) if r["outcome"] == "FN")
     widget.jump_to_row(fn_row)
-    from napari_nephro.widgets.compare import _camera
+    from napari_nephro.plugin.widgets.compare import _camera
 
     np.testing.assert_allclose(_camera(viewer).center[-2:], (39.5 * 0.5, 49.5 * 0.5))
 
@@ -101,7 +101,7 @@ def test_compare_saves_the_table_without_replacing_a_file_unasked(compare, tmp_p
 
 
 def test_compare_whole_slide_layers_at_a_coarser_level(make_napari_viewer, monkeypatch):
-    import napari_nephro.widgets.compare as compare_module
+    import napari_nephro.plugin.widgets.compare as compare_module
 
     monkeypatch.setattr(compare_module, "MAX_PIXELS", 64 * 64)  # a "whole slide" of 128 x 128
     truth = np.zeros((128, 128), np.uint8)

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import require_shared, tiny_seggpt
 from napari_nephro.io import open_slide
-from napari_nephro.layers import slide_layer_data
+from napari_nephro.plugin.layers import slide_layer_data
+from napari_nephro.plugin.widgets.prompts import PromptsWidget
 from napari_nephro.prompts import PromptSet, examples_from_labels
-from napari_nephro.widgets.prompts import PromptsWidget
 
 
 @pytest.fixture(scope="module")

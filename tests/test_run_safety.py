@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import require_shared
-from napari_nephro._atomic import atomic_output
 from napari_nephro.annotations.omezarr import read_label_zarr
 from napari_nephro.cli import main
+from napari_nephro.common.atomic import atomic_output
 from napari_nephro.inference import partial_path, segment_slide
 from napari_nephro.inference.errors import SegmentError
 from napari_nephro.io import open_slide
@@ -42,7 +42,7 @@ def _hold_lock(out):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from napari_nephro._lock import exclusive\n"
+        "from napari_nephro.common.lock import exclusive\n"
         "with exclusive(Path(sys.argv[1])):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(120)\n"
@@ -306,7 +306,7 @@ def test_resume_after_a_kill_while_the_finished_store_was_being_removed(checkpoi
 def test_a_filesystem_without_locks_still_runs_with_a_warning(cmu, tmp_path, monkeypatch):
     import errno
 
-    import napari_nephro._lock as lock
+    import napari_nephro.common.lock as lock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

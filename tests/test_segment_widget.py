@@ -15,9 +15,9 @@ from napari_nephro.inference import partial_path
 from napari_nephro.inference.objects import ObjectRules
 from napari_nephro.inference.summary import ObjectSummary, summarize
 from napari_nephro.io import open_slide
-from napari_nephro.layers import slide_layer_data
+from napari_nephro.plugin.layers import slide_layer_data
+from napari_nephro.plugin.widgets.segment import SegmentWidget
 from napari_nephro.sample import SAMPLE_MPP, SAMPLE_SHAPE, sample_slide_path
-from napari_nephro.widgets.segment import SegmentWidget
 
 
 @pytest.fixture(scope="module")

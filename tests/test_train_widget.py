@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import require_shared
 from napari_nephro.io import open_slide
-from napari_nephro.layers import slide_layer_data
-from napari_nephro.widgets.train import TrainWidget
+from napari_nephro.plugin.layers import slide_layer_data
+from napari_nephro.plugin.widgets.train import TrainWidget
 
 
 @pytest.fixture

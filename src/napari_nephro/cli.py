@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from ._json import JSONFileError
 from .annotations import AnnotationError
+from .common.json_io import JSONFileError
 from .inference.errors import SegmentError
 from .io import SlideError, open_slide
 from .models import ARCHITECTURES, ModelError
@@ -773,7 +773,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{'annotated':<9} {truth_path}")
     if args.headless:
         return 0
-    from .demo import run_demo
+    from .plugin.demo import run_demo
 
     return run_demo(slide, job.labels, screenshot=args.screenshot, annotations=truth_path)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ome_tiff import write_ome_pyramid
+from .common.ome_tiff import write_ome_pyramid
 
 SAMPLE_VERSION = 1  # bump when the shipped tiles or the way the mosaic is written change
 SAMPLE_NAME = f"aidpath-kidney-v{SAMPLE_VERSION}"

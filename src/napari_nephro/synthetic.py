@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ome_tiff import write_ome_pyramid
+from .common.ome_tiff import write_ome_pyramid
 
 SYNTHETIC_MPP = 0.5  # micrometres per pixel at level 0 (a 20x scan)
 SYNTHETIC_SHAPE = (4096, 6144)  # level 0 (height, width): 2 x 3 mm

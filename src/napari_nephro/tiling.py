@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ._limits import MAX_GRID_TILES
+from .common.limits import MAX_GRID_TILES
 from .io import Slide
 
 BACKGROUND = 255  # outside the slide is glass: white, as the backends lay transparency over white

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._json import JSONFileError, read_json
+from ..common.json_io import JSONFileError, read_json
 from .errors import AnnotationError
 
 COCO_KEYS = ("images", "annotations", "categories")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._atomic import atomic_output
+from ..common.atomic import atomic_output
 from .errors import AnnotationError
 
 

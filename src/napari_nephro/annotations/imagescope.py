@@ -22,7 +22,7 @@ from pathlib import Path
 import shapely
 from shapely.geometry import Polygon
 
-from .._paths import path_problem
+from ..common.paths import path_problem
 from ._geometry import polygonal
 from ._write import atomic_write_bytes
 from .colors import class_color

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._paths import path_problem
+from ..common.paths import path_problem
 from ._json import is_coco, load_json
 from .coco import coco_from_data
 from .errors import AnnotationError

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .._atomic import atomic_output
+from ..common.atomic import atomic_output
 from ._write import check_target
 from .errors import AnnotationError
 from .label_source import LabelSource, pyramid_plan, tiles

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._atomic import atomic_output
-from .._paths import path_problem
+from ..common.atomic import atomic_output
+from ..common.paths import path_problem
 from ._write import check_target
 from .colors import class_color
 from .errors import AnnotationError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._lock import Locked, exclusive
+from ..common.lock import Locked, exclusive
 from ..io import Slide
 from ..tiling import best_level
 from .engine import Progress, RunStats, channels_of, check_memory, run_tiles

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .._limits import MAX_TILE, mpp_problem
+from ..common.limits import MAX_TILE, mpp_problem
 from ..io import Slide
 from ..tiling import GridError, read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError

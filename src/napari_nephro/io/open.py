@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._paths import path_problem
+from ..common.paths import path_problem
 from .backend import Backend
 from .cache import DEFAULT_CACHE_BYTES
 from .errors import SlideError

@@ -5,7 +5,7 @@ Nothing here imports napari, and torch is imported only when a network is needed
 so `nephro` starts fast.
 """
 
-from .._lazy import lazy_attributes
+from ..common.lazy import lazy_attributes
 from .config import ARCHITECTURES, ModelConfig
 from .errors import ModelError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._atomic import atomic_output
+from ..common.atomic import atomic_output
 from .config import ModelConfig
 from .errors import ModelError
 from .networks import build_network

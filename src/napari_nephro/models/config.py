@@ -11,8 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .._limits import MAX_TILE, MIN_TILE  # the tile side and mpp limits every command that lays tiles keeps
-from .._limits import WORK_MPP as MPP_RANGE
+from ..common.limits import MAX_TILE, MIN_TILE  # the tile side and mpp limits every command that lays tiles keeps
+from ..common.limits import WORK_MPP as MPP_RANGE
 from .errors import ModelError
 from .object_rules import ObjectRules
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._text import duration
+from ..common.text import duration
 from ..prompts import PromptSet
 from .device import pick_device
 from .errors import ModelError

@@ -178,8 +178,8 @@ def write_overview(
     """
     from scipy import ndimage
 
-    from .._atomic import atomic_output
     from ..annotations import rasterize
+    from ..common.atomic import atomic_output
 
     height, width = slide.level_shapes[0]
     scale = max(1.0, max(height, width) / OVERVIEW_SIDE)

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from .._paths import path_problem
 from ..annotations import AnnotationSet, PolygonLabels, read_annotations
 from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.geojson import geojson_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, image_stem, read_label_file
 from ..annotations.model import UNCLASSIFIED, reading_notes, require_inside
+from ..common.paths import path_problem
 from ..evaluation import PixelScores, summarize
 from ..evaluation.blockwise import ObjectBoxes, PairCounts, block_cells, blocks, parallel_map, read_block
 from ..evaluation.instances import match_from_table

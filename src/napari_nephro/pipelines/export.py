@@ -19,9 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .._atomic import atomic_output
-from .._limits import mpp_problem, tile_problem
-from .._paths import path_problem
 from ..annotations import (
     AnnotationSet,
     ArrayLabels,
@@ -38,6 +35,9 @@ from ..annotations._json import is_coco, load_json
 from ..annotations.coco import coco_from_data
 from ..annotations.io import LABEL_IMAGE_EXTENSIONS, LabelFile, image_stem, read_label_file
 from ..annotations.model import reading_notes, require_inside
+from ..common.atomic import atomic_output
+from ..common.limits import mpp_problem, tile_problem
+from ..common.paths import path_problem
 from ..io import SLIDE_EXTENSIONS, Slide, can_open, open_slide
 from ..tiling import read_scaled, tile_grid, tissue_fraction
 

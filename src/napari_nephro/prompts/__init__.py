@@ -5,7 +5,7 @@ reopened, reviewed and shared. Nothing here imports napari or torch; the cutting
 code (scipy) loads on first use, so the CLI starts fast.
 """
 
-from .._lazy import lazy_attributes
+from ..common.lazy import lazy_attributes
 from .errors import PromptError
 
 _LAZY = {

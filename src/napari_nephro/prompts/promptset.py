@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .._atomic import atomic_output
-from .._json import read_json
-from .._limits import mpp_problem, tile_problem
 from ..annotations.colors import class_color
+from ..common.atomic import atomic_output
+from ..common.json_io import read_json
+from ..common.limits import mpp_problem, tile_problem
 from .errors import PromptError
 
 INDEX = "prompts.json"

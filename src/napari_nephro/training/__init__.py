@@ -3,7 +3,7 @@
 torch is imported only when training is used, so `nephro` starts fast.
 """
 
-from .._lazy import lazy_attributes
+from ..common.lazy import lazy_attributes
 from .errors import TrainingError
 
 _LAZY = {

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._atomic import atomic_output
+from ..common.atomic import atomic_output
 from ..models import ModelConfig, ModelError
 from ..models.checkpoint import count_nonfinite, save_checkpoint
 from ..models.device import pick_device

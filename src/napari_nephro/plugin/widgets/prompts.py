@@ -31,10 +31,10 @@ from qtpy.QtWidgets import (
     QSpinBox,
 )
 
-from ..annotations.colors import class_color
-from ..inference import SegmentError
+from ...annotations.colors import class_color
+from ...inference import SegmentError
+from ...prompts import PromptError
 from ..layer_annotations import label_classes
-from ..prompts import PromptError
 from ._layers import chosen, labels_layers, refill
 from .segment import ERRORS, WHERE, SegmentWidget, aligned
 
@@ -50,7 +50,7 @@ class PromptsWidget(SegmentWidget):
     errors = (*ERRORS, PromptError)
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        from ..prompts import PromptSet
+        from ...prompts import PromptSet
 
         self.prompts = PromptSet()
         self._confirmed: tuple | None = None
@@ -184,7 +184,7 @@ class PromptsWidget(SegmentWidget):
 
     def _describe_model(self) -> None:
         """Where the weights will come from, and the scale SegGPT will see the slide at."""
-        from ..models.seggpt import weights_source
+        from ...models.seggpt import weights_source
 
         source = self.model_edit.text().strip()
         where = weights_source(source)
@@ -235,7 +235,7 @@ class PromptsWidget(SegmentWidget):
         segmentation result or a label file names its classes): any such layer
         can serve as the painting.
         """
-        from ..prompts import examples_from_labels
+        from ...prompts import examples_from_labels
 
         slide_layer, paint = self.slide_layer(), self.paint_layer()
         try:
@@ -327,7 +327,7 @@ class PromptsWidget(SegmentWidget):
 
     def save(self) -> None:
         """Save to the folder; replacing a prompt set other than the one loaded or saved here takes a second press."""
-        from ..prompts.promptset import INDEX
+        from ...prompts.promptset import INDEX
 
         folder = self.folder_edit.text().strip()
         try:
@@ -345,7 +345,7 @@ class PromptsWidget(SegmentWidget):
         self.prompt_status.setText(f"Saved to {folder}: {self.prompts.describe()}.")
 
     def load(self) -> None:
-        from ..prompts import PromptSet
+        from ...prompts import PromptSet
 
         folder = self.folder_edit.text().strip()
         try:
@@ -367,8 +367,8 @@ class PromptsWidget(SegmentWidget):
     def segmenter(self):
         """SegGPT with the current prompts. The weights (1.5 GB) are read once per folder and device;
         the prompts are encoded anew each run, so adding an example costs no reload."""
-        from ..models import pick_device
-        from ..models.seggpt import SegGptSegmenter, load_seggpt, seggpt_fingerprint
+        from ...models import pick_device
+        from ...models.seggpt import SegGptSegmenter, load_seggpt, seggpt_fingerprint
 
         self.prompts.check_usable()
         source = self.model_edit.text().strip() or None
@@ -389,8 +389,8 @@ class PromptsWidget(SegmentWidget):
 
     def batch_size(self) -> int:
         """Tiles per call: enough to fill SegGPT's passes of tile x prompt pairs on this device."""
-        from ..models import pick_device
-        from ..models.seggpt import PAIRS_PER_BATCH, prompts_per_run, tiles_per_call
+        from ...models import pick_device
+        from ...models.seggpt import PAIRS_PER_BATCH, prompts_per_run, tiles_per_call
 
         pairs = PAIRS_PER_BATCH.get(pick_device(self.device_combo.currentText()).type, 1)
         runs = prompts_per_run(self.prompts, self.mode_combo.currentText())
@@ -398,7 +398,7 @@ class PromptsWidget(SegmentWidget):
 
     def ready(self, layer) -> bool:
         """Say what the run costs first; a long one starts only when Run is pressed again."""
-        from ..models.seggpt import LONG_RUN_SECONDS
+        from ...models.seggpt import LONG_RUN_SECONDS
 
         self.prompts.check_usable()
         seconds, text = self.estimate(layer)
@@ -413,9 +413,9 @@ class PromptsWidget(SegmentWidget):
 
     def estimate(self, layer) -> tuple[float, str]:
         """Tissue tiles x prompts, and the time that takes on the chosen device (from benchmark figures)."""
-        from ..inference import make_plan
-        from ..models import pick_device
-        from ..models.seggpt import LONG_RUN_SECONDS, VIT_L_PARAMETERS, run_cost
+        from ...inference import make_plan
+        from ...models import pick_device
+        from ...models.seggpt import LONG_RUN_SECONDS, VIT_L_PARAMETERS, run_cost
 
         slide = layer.metadata["slide"]
         if slide.mpp is None:

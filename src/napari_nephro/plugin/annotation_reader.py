@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._reading import LayerData, as_paths, current_slide_layer, notify, read_each
-from .annotations import AnnotationError, AnnotationSet, read_annotations
-from .annotations.colors import class_color
-from .annotations.labeltiff import is_label_tiff, read_label_tiff_pyramid
-from .annotations.omezarr import LabelPyramid, read_label_zarr
+from ..annotations import AnnotationError, AnnotationSet, read_annotations
+from ..annotations.colors import class_color
+from ..annotations.labeltiff import is_label_tiff, read_label_tiff_pyramid
+from ..annotations.omezarr import LabelPyramid, read_label_zarr
+from .reading import LayerData, as_paths, current_slide_layer, notify, read_each
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".xml")
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ._annotation_reader import shapes_layer_data
-from .io import open_slide
+from ..io import open_slide
+from ..sample import sample_annotations_path, sample_slide_path
+from .annotation_reader import shapes_layer_data
 from .layers import slide_layer_data
-from .sample import sample_annotations_path, sample_slide_path
 
 
 def sample_slide():
     """The slide as a multiscale image and the annotated glomeruli as outlines on it, in micrometres."""
-    from .annotations import read_annotations
+    from ..annotations import read_annotations
 
     slide = slide_layer_data(open_slide(sample_slide_path()))
     kwargs = slide[1]

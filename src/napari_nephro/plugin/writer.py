@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _reading
-from .annotations import (
+from ..annotations import (
     AnnotationError,
     AnnotationSet,
     ArrayLabels,
@@ -24,6 +23,7 @@ from .annotations import (
     write_label_tiff,
     write_label_zarr,
 )
+from . import reading
 from .layer_annotations import finest_level, label_classes, labels_to_annotations, shapes_to_annotations, to_level0
 
 
@@ -76,7 +76,7 @@ def _guarded(path: str, write) -> list[str]:
     try:
         write()
     except (AnnotationError, ValueError) as exc:
-        _reading.notify(f"{Path(path).name}: not saved: {exc}")
+        reading.notify(f"{Path(path).name}: not saved: {exc}")
         return []
     return [path]
 
@@ -146,5 +146,5 @@ def _slide_name() -> str | None:
 
 def _slide():
     """The Slide of the one slide layer in the current viewer, if there is exactly one."""
-    layer = _reading.current_slide_layer()
+    layer = reading.current_slide_layer()
     return None if layer is None else layer.metadata["slide"]

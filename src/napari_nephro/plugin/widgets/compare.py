@@ -28,10 +28,10 @@ from qtpy.QtWidgets import (
 )
 from scipy import ndimage
 
-from ..annotations import AnnotationError
-from ..annotations._write import atomic_write_bytes
-from ..evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
-from ..evaluation.tpfpfn import TPFPFN_COLORS
+from ...annotations import AnnotationError
+from ...annotations._write import atomic_write_bytes
+from ...evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
+from ...evaluation.tpfpfn import TPFPFN_COLORS
 from ._layers import chosen, labels_layers, refill
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_output
+from .atomic import atomic_output
 
 
 def write_ome_pyramid(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox
 
-from ..io import Slide
+from ...io import Slide
 
 
 def slide_layers(viewer) -> list:

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..io import Slide, SlideError
+from ...io import Slide, SlideError
 from ..layers import slide_layer_kwargs
 from ._layers import chosen, refill, slide_layers
 

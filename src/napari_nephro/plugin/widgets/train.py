@@ -27,12 +27,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..annotations import AnnotationError
-from ..io import SlideError
-from ..models import ARCHITECTURES, ModelError
-from ..pipelines.export import ExportError, Item
-from ..training import TrainingError
-from ..training.errors import resumable
+from ...annotations import AnnotationError
+from ...io import SlideError
+from ...models import ARCHITECTURES, ModelError
+from ...pipelines.export import ExportError, Item
+from ...training import TrainingError
+from ...training.errors import resumable
 from ._layers import UserFailure, catching, chosen, labels_layers, refill, slide_layers
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class TrainWidget(QWidget):
             widget.setEnabled(not layers)
 
     def options(self) -> dict:
-        from ..training import Recipe
+        from ...training import Recipe
 
         out = self.out_edit.text().strip()
         if not out:
@@ -211,7 +211,7 @@ class TrainWidget(QWidget):
     def start(self) -> None:
         from napari.qt.threading import create_worker
 
-        from ..pipelines.train import train_from_files, train_items
+        from ...pipelines.train import train_from_files, train_items
 
         try:
             options = self.options()

@@ -29,10 +29,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._text import duration
-from ..inference import Progress, SegmentError, partial_path
-from ..io import SlideError
-from ..models import ModelError
+from ...common.text import duration
+from ...inference import Progress, SegmentError, partial_path
+from ...io import SlideError
+from ...models import ModelError
 from ._layers import UserFailure, catching, chosen, refill, slide_layers
 from ._wrapping import WrappingLabel
 
@@ -131,7 +131,7 @@ class SegmentWidget(QWidget):
             self._describe_model()
 
     def _describe_model(self) -> None:
-        from ..models import ModelConfig, resolve_checkpoint
+        from ...models import ModelConfig, resolve_checkpoint
 
         text = self.model_edit.text().strip()
         if not text:
@@ -160,7 +160,7 @@ class SegmentWidget(QWidget):
 
     def segmenter(self):
         """The checkpoint, loaded once per folder and device."""
-        from ..models import TorchSegmenter
+        from ...models import TorchSegmenter
 
         key = (self.model_edit.text().strip(), self.device_combo.currentText())
         if not key[0]:
@@ -228,7 +228,7 @@ class SegmentWidget(QWidget):
     def _job(self, layer):
         """The work for the thread, with every question about the inputs answered here; the model
         itself is loaded in the thread (a large checkpoint takes seconds to read and hash)."""
-        from ..inference import segment_region, segment_slide
+        from ...inference import segment_region, segment_slide
 
         slide = layer.metadata["slide"]
         if not self.model_edit.text().strip():
@@ -308,7 +308,7 @@ class SegmentWidget(QWidget):
         return self._add_labels(layer, result.array, (y, x), result.out_downsample, result.classes, name)
 
     def _add_slide_result(self, layer, path: Path):
-        from ..annotations.omezarr import read_label_zarr
+        from ...annotations.omezarr import read_label_zarr
 
         pyramid = read_label_zarr(path)
         downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]

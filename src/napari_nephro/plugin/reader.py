@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._reading import LayerData, as_paths, read_each
-from .annotations.labeltiff import is_label_tiff
-from .io import SlideError, can_open, open_slide
+from ..annotations.labeltiff import is_label_tiff
+from ..io import SlideError, can_open, open_slide
 from .layers import slide_layer_data
+from .reading import LayerData, as_paths, read_each
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:

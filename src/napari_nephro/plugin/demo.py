@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import Slide
+from ..io import Slide
 from .layers import slide_layer_data
 
 
@@ -14,9 +14,9 @@ def run_demo(
     """Show `slide`, the segmentation `labels` and, when given, the annotated objects as outlines beside it."""
     import napari
 
-    from ._annotation_reader import labels_layer_data, shapes_layer_data
-    from .annotations import read_annotations
-    from .annotations.omezarr import read_label_zarr
+    from ..annotations import read_annotations
+    from ..annotations.omezarr import read_label_zarr
+    from .annotation_reader import labels_layer_data, shapes_layer_data
 
     viewer = napari.Viewer(title=f"napari-nephro: {slide.source.name}", show=True)
     data, kwargs, _ = slide_layer_data(slide)

@@ -15,8 +15,8 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
-from .annotations import Annotation, AnnotationSet, vectorize, vectorize_tiled
-from .annotations.model import UNCLASSIFIED, as_area
+from ..annotations import Annotation, AnnotationSet, vectorize, vectorize_tiled
+from ..annotations.model import UNCLASSIFIED, as_area
 
 LARGE = 4096 * 4096  # label layers above this many pixels are vectorized tile by tile
 ELLIPSE_VERTICES = 64

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .io import Slide
-from .io.pyramid import display_pyramid
+from ..io import Slide
+from ..io.pyramid import display_pyramid
 
 
 def slide_layer_kwargs(slide: Slide) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Small helpers the library and the plugin share: atomic files, JSON files, locks, paths, limits, text."""
