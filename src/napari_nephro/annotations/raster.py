@@ -253,6 +253,11 @@ def _class_of(index, crop, sl, classes, class_names) -> str:
     return classes.get(index, UNCLASSIFIED)
 
 
+def pixel_outline(mask: np.ndarray, *, scale: float = 1.0, origin: tuple[float, float] = (0.0, 0.0)):
+    """The exact outline of a boolean mask's pixels, `scale` units per pixel, its corner at `origin`."""
+    return _mask_to_geometry(mask, (0, 0), scale, origin)
+
+
 def _mask_to_geometry(mask: np.ndarray, offset, downsample, origin) -> Polygon | MultiPolygon | None:
     """The exact outline of the mask's pixels (their edges, not their centres).
 

@@ -16,9 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .._atomic import atomic_output
-from .._json import JSONFileError, read_json
 from ..annotations.omezarr import RUN_KEY  # where a run records its progress, read by the readers too
+from ..common.atomic import atomic_output
+from ..common.json_io import JSONFileError, read_json
 from .errors import SegmentError
 from .stitch import to_labels
 
@@ -68,17 +68,19 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f"{name}.partial.zarr")
 
 
-def check_output(out: Path, *, overwrite: bool, resume: bool, locked: bool = False) -> bool:
+def check_output(
+    out: Path, *, overwrite: bool, resume: bool, locked: bool = False, allowed: tuple[str, ...] = OUTPUT_SUFFIXES
+) -> bool:
     """Refuse an output we cannot or must not write, before any tile is read.
 
     Returns True when `resume` finds the run already complete: `out` is there and
     nothing unfinished is (a run killed just after it finished); there is nothing to do.
     `locked`: the caller holds the output's lock (else another holder is refused).
     """
-    from .._lock import Locked, holder
+    from ..common.lock import Locked, holder
 
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise SegmentError(f"{out}: the output must end in .zarr (OME-Zarr labels), .tif or .geojson")
+    if out.suffix.lower() not in allowed:
+        raise SegmentError(f"{out}: the output must end in {', '.join(allowed[:-1])} or {allowed[-1]}")
     if not out.parent.is_dir():
         raise SegmentError(f"{out}: folder {out.parent} does not exist")
     owner = None if locked else holder(out)
@@ -154,7 +156,7 @@ class _LevelWriter:
             raise ValueError(f"level rows must arrive in order: got {j0}")
         rows = band[j0 * f - y0 :: f, self.skip :: f][: j1 - j0]
         if self._buffer is None:
-            self._buffer = np.zeros((CHUNK, rows.shape[1]), np.uint8)
+            self._buffer = np.zeros((CHUNK, rows.shape[1]), self.array.dtype)
         while len(rows):
             boundary = (self.top // CHUNK + 1) * CHUNK  # write at chunk boundaries: each chunk written once
             n = min(len(rows), boundary - self.top - self.held)
@@ -206,9 +208,11 @@ class ZarrRunStore:
         threshold: float,
         *,
         mpp: float | None,
+        dtype=np.uint8,
     ) -> ZarrRunStore:
         """A store holding the whole slide's extent (`shape`, `mpp` um per pixel), of which the run fills
-        its region at `offset`; NGFF metadata for every level from the start, so it opens at any moment."""
+        its region at `offset`; NGFF metadata for every level from the start, so it opens at any moment.
+        `dtype`: uint8 class ids for a semantic run, uint32 object ids for an instance run."""
         import zarr
         from numcodecs import Blosc
 
@@ -225,7 +229,7 @@ class ZarrRunStore:
                 str(k),
                 shape=level,
                 chunks=(min(CHUNK, level[0]), min(CHUNK, level[1])),
-                dtype=np.uint8,
+                dtype=dtype,
                 fill_value=0,
                 compressors=Blosc(cname="zstd", clevel=1, shuffle=Blosc.NOSHUFFLE),
             )
