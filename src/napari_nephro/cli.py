@@ -179,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--model",
         required=True,
-        help="checkpoint folder (config.json + model.safetensors), 'default', or seggpt[:FOLDER_OR_HF_ID] with --prompts",
+        help="checkpoint folder (config.json + model.safetensors), 'default', seggpt[:FOLDER_OR_HF_ID] with "
+        "--prompts; nuclei: cellpose[:nuclei|cyto3|cpsam|FILE], stardist[:FOLDER], cellvit:CHECKPOINT.pth",
     )
     seg.add_argument("--prompts", type=Path, help="SegGPT: prompt set folder (see `nephro prompts add`)")
     seg.add_argument(
@@ -188,7 +189,13 @@ def _parser() -> argparse.ArgumentParser:
         default="per_class",
         help="SegGPT: one run per class (default) or one run with a colour per class",
     )
-    seg.add_argument("--out", required=True, type=Path, help="output: .zarr (OME-Zarr labels), .tif, or .geojson")
+    seg.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output: .zarr (OME-Zarr labels), .tif, or .geojson; nuclei: .zarr (ids, table inside), .geojson "
+        "(QuPath detections), .csv or .parquet (one row per nucleus)",
+    )
     seg.add_argument("--region", type=_region, help="X,Y,W,H in level-0 pixels (default: the whole slide)")
     seg.add_argument("--mpp", type=POSITIVE, help="level-0 micrometres per pixel, for slides that do not say")
     seg.add_argument("--tile", type=int, help="tile size at the model's mpp (default: the model's)")
@@ -214,6 +221,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the raw pixel map: no hole filling, speck removal, splitting or smoothing by the model's rules",
     )
+    nuc = seg.add_argument_group("nuclei models")
+    nuc.add_argument("--diameter", type=POSITIVE, help="Cellpose: typical nucleus diameter in um (default the model's)")
+    nuc.add_argument("--flow-threshold", type=_finite, help="Cellpose: flow error threshold (default 0.4)")
+    nuc.add_argument("--cellprob-threshold", type=_finite, help="Cellpose: cell probability threshold (default 0)")
+    nuc.add_argument("--prob-threshold", type=OPEN_FRACTION, help="StarDist: object probability (default: the model's)")
+    nuc.add_argument("--nms-threshold", type=OPEN_FRACTION, help="StarDist: overlap suppression (default: the model's)")
     seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
     seg.set_defaults(func=cmd_segment)
@@ -331,11 +344,21 @@ def _region(text: str) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
+NUCLEI_OPTIONS = ("diameter", "flow_threshold", "cellprob_threshold", "prob_threshold", "nms_threshold")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import partial_path, segment_slide
 
     if (args.batch is not None and args.batch < 1) or (args.readers is not None and args.readers < 1):
         raise UserError("--batch and --readers must be at least 1")
+    from .models.nuclei import family_of
+
+    if family_of(args.model) is not None:
+        return _segment_nuclei(args)
+    given = [f"--{k.replace('_', '-')}" for k in NUCLEI_OPTIONS if getattr(args, k) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: options of the nuclei models (cellpose, stardist), not of {args.model}")
     from .inference.output import check_output
 
     if check_output(args.out, overwrite=args.overwrite, resume=args.resume):  # before a model of seconds to load
@@ -386,6 +409,100 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if warning:
             print(f"nephro: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _segment_nuclei(args: argparse.Namespace) -> int:
+    """`nephro segment SLIDE --model cellpose|stardist|cellvit...`: nuclei into labels, detections or a table."""
+    from .inference import partial_path
+    from .inference.instance_api import segment_instances_slide
+    from .inference.instance_output import INSTANCE_SUFFIXES
+    from .inference.output import check_output
+    from .models.nuclei import load_nuclei_model
+
+    for flag, used in (("--prompts", args.prompts is not None), ("--no-objects", args.no_objects)):
+        if used:
+            raise UserError(f"{flag} is not an option of the nuclei models")
+    if args.threshold != 0.5:
+        raise UserError(
+            "--threshold is for glomerulus models: cellpose takes --cellprob-threshold, stardist --prob-threshold"
+        )
+    if check_output(args.out, overwrite=args.overwrite, resume=args.resume, allowed=INSTANCE_SUFFIXES):
+        print(f"{args.out}: the run is already complete; nothing to resume")
+        return 0
+    slide = open_slide(args.slide, mpp=args.mpp)
+    from .inference.plan import check_region, slide_mpp
+
+    slide_mpp(slide)
+    check_region(slide, args.region)
+    options = {k: getattr(args, k) for k in NUCLEI_OPTIONS}
+    segmenter = load_nuclei_model(args.model, device=args.device, **options)
+    for line in nuclei_cost(slide, segmenter, args.region, args.tile, args.overlap, not args.all_tiles):
+        print(f"nephro: {line}", file=sys.stderr)
+    try:
+        with _progress_bar("nuclei", "tile") as bar:
+            result = segment_instances_slide(
+                slide,
+                segmenter,
+                args.out,
+                region=args.region,
+                tile=args.tile,
+                overlap=args.overlap,
+                batch_size=args.batch or 4,
+                readers=args.readers,
+                skip_background=not args.all_tiles,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=lambda p: bar(p.done, p.total),
+            )
+    except KeyboardInterrupt:
+        partial = partial_path(args.out)
+        where = f"; the rows finished are kept in {partial}: add --resume to finish" if partial.exists() else ""
+        print(f"nephro: interrupted{where}", file=sys.stderr)
+        return 130
+    finally:
+        close = getattr(segmenter, "close", None)
+        if close is not None:
+            close()
+    stats = result.stats
+    print(
+        f"{result.path}  ({stats.tiles} tiles, {stats.skipped} glass skipped, {stats.predicted} predicted "
+        f"in {stats.seconds:.1f} s on {segmenter.device})"
+    )
+    if result.summary is not None:
+        print(result.summary.line(), flush=True)
+    return 0
+
+
+def nuclei_cost(slide, segmenter, region, tile, overlap, skip_background) -> list[str]:
+    """What the user must know before a nuclei run: the weights' terms, and the time a CPU takes for a GPU model."""
+    from .inference import plan_run
+
+    lines = []
+    licence = getattr(segmenter, "licence", None)
+    if licence:
+        lines.append(f"note: {licence}")
+    rate = getattr(segmenter, "cpu_seconds_per_megapixel", None)
+    if rate and _device_type(segmenter) == "cpu":
+        plan = plan_run(slide, segmenter, region, tile=tile, overlap=overlap, skip_background=skip_background)
+        seconds = plan.tissue_tiles * plan.tile**2 / 1e6 * rate
+        text = f"{plan.tissue_tiles} tiles of {plan.tile} px: about {_duration(seconds)} on this CPU"
+        if getattr(segmenter, "gpu_model", False) and seconds > 120:
+            text += " (a GPU model: use --device cuda, or segment a --region)"
+        lines.append(text)
+    return lines
+
+
+def _device_type(segmenter) -> str:
+    device = getattr(segmenter, "device", "cpu")
+    return str(getattr(device, "type", device))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _segmenter(args: argparse.Namespace):

@@ -59,6 +59,12 @@ class NucleiSummary:
             text += "; " + ", ".join(f"{c} {self.counts.get(c, 0):,}" for c in self.classes)
         return text
 
+    describe = line  # what the widgets and the CLI print after a run, as for glomeruli
+
+    def warning(self) -> str | None:
+        """Nuclei have no plausibility rules yet: nothing to warn about."""
+        return None
+
 
 @dataclass
 class InstanceRegionResult:
