@@ -67,26 +67,42 @@ def families(device: str) -> list[tuple[str, object]]:
 
 
 def _builders():
-    builders = []
-    try:
-        from napari_nephro.models import cellpose_adapter
+    return [
+        ("Cellpose classic nuclei (random)", random_cellpose),
+        ("StarDist 2D_versatile_he layout (random)", random_stardist),
+        ("CellViT-256 (random)", random_cellvit_256),
+    ]
 
-        builders.append(("Cellpose classic nuclei (6.6 M, random)", cellpose_adapter.random_classic))
-    except ImportError:
-        pass
-    try:
-        from napari_nephro.models import stardist_adapter
 
-        builders.append(("StarDist 2D_versatile_he config (random)", stardist_adapter.random_versatile_he))
-    except ImportError:
-        pass
-    try:
-        from napari_nephro.models import cellvit
+def random_cellpose(device: str):
+    import torch
 
-        builders.append(("CellViT-256 (random)", cellvit.random_cellvit_256))
-    except ImportError:
-        pass
-    return builders
+    from napari_nephro.models.cellpose_adapter import NUCLEI_DIAMETER_PX, CellposeClassicSegmenter
+    from napari_nephro.models.cellpose_classic import CellposeNet
+    from napari_nephro.models.device import pick_device
+
+    torch.manual_seed(0)
+    return CellposeClassicSegmenter(
+        CellposeNet(diam_mean=NUCLEI_DIAMETER_PX), name="nuclei", device=pick_device(device)
+    )
+
+
+def random_stardist(device: str):
+    from napari_nephro.models import stardist_adapter
+
+    return stardist_adapter.random_versatile_he()
+
+
+def random_cellvit_256(device: str):
+    import torch
+
+    from napari_nephro.models.cellvit import CellViTSegmenter, CellViTSpec, build_cellvit
+    from napari_nephro.models.device import pick_device
+
+    torch.manual_seed(0)
+    return CellViTSegmenter(
+        build_cellvit(CellViTSpec("CellViT256")), CellViTSpec("CellViT256"), device=pick_device(device)
+    )
 
 
 def speed_table(quick: bool, device: str) -> None:
@@ -205,16 +221,22 @@ def matching_table() -> None:
     rows = []
     t0 = time.perf_counter()
     ours = match_instances(pred, truth, 0.5)
-    rows.append(("napari_nephro.evaluation.match_instances", f"{time.perf_counter() - t0:.2f} s", ours.tp, ours.fp, ours.fn))
+    rows.append(
+        ("napari_nephro.evaluation.match_instances", f"{time.perf_counter() - t0:.2f} s", ours.tp, ours.fp, ours.fn)
+    )
     try:
         from stardist.matching import matching
 
         t0 = time.perf_counter()
         theirs = matching(truth, pred, thresh=0.5)
-        rows.append(("stardist.matching.matching", f"{time.perf_counter() - t0:.2f} s", theirs.tp, theirs.fp, theirs.fn))
+        rows.append(
+            ("stardist.matching.matching", f"{time.perf_counter() - t0:.2f} s", theirs.tp, theirs.fp, theirs.fn)
+        )
     except ImportError:
         rows.append(("stardist.matching (not installed)", "-", "-", "-", "-"))
-    print_table(f"Instance matching at IoU 0.5, {k:,} objects in {side} x {side}", ("matcher", "time", "TP", "FP", "FN"), rows)
+    print_table(
+        f"Instance matching at IoU 0.5, {k:,} objects in {side} x {side}", ("matcher", "time", "TP", "FP", "FN"), rows
+    )
 
 
 def _close(model) -> None:

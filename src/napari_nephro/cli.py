@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -222,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the raw pixel map: no hole filling, speck removal, splitting or smoothing by the model's rules",
     )
     nuc = seg.add_argument_group("nuclei models")
-    nuc.add_argument("--diameter", type=POSITIVE, help="Cellpose: typical nucleus diameter in um (default the model's)")
+    nuc.add_argument(
+        "--diameter", type=POSITIVE, help="Cellpose: typical nucleus diameter in um (default 7.5, kidney nuclei)"
+    )
     nuc.add_argument("--flow-threshold", type=_finite, help="Cellpose: flow error threshold (default 0.4)")
     nuc.add_argument("--cellprob-threshold", type=_finite, help="Cellpose: cell probability threshold (default 0)")
     nuc.add_argument("--prob-threshold", type=OPEN_FRACTION, help="StarDist: object probability (default: the model's)")
@@ -435,7 +438,9 @@ def _segment_nuclei(args: argparse.Namespace) -> int:
     slide_mpp(slide)
     check_region(slide, args.region)
     options = {k: getattr(args, k) for k in NUCLEI_OPTIONS}
-    segmenter = load_nuclei_model(args.model, device=args.device, **options)
+    with warnings.catch_warnings():  # a model's licence note is printed below as one line, not as a warning
+        warnings.simplefilter("ignore", UserWarning)
+        segmenter = load_nuclei_model(args.model, device=args.device, **options)
     for line in nuclei_cost(slide, segmenter, args.region, args.tile, args.overlap, not args.all_tiles):
         print(f"nephro: {line}", file=sys.stderr)
     try:
@@ -447,7 +452,7 @@ def _segment_nuclei(args: argparse.Namespace) -> int:
                 region=args.region,
                 tile=args.tile,
                 overlap=args.overlap,
-                batch_size=args.batch or 4,
+                batch_size=args.batch or getattr(segmenter, "tiles_per_call", None) or 4,
                 readers=args.readers,
                 skip_background=not args.all_tiles,
                 resume=args.resume,

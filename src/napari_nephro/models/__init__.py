@@ -1,4 +1,5 @@
-"""Segmentation models: the `Segmenter` protocol, the U-Net family of the BMC Nephrology paper, and SegGPT.
+"""Segmentation models: the `Segmenter` protocol, the U-Net family of the BMC Nephrology paper, SegGPT, and the
+nuclei families (Cellpose, StarDist, CellViT) behind the `InstanceSegmenter` protocol.
 
 Checkpoints are folders (`config.json` + `model.safetensors`); nothing is unpickled.
 Nothing here imports napari, and torch is imported only when a network is needed,
@@ -21,6 +22,12 @@ _LAZY = {
     "TorchSegmenter": "segmenter",
     "SegGptSegmenter": "seggpt",
     "load_seggpt": "seggpt",
+    "InstanceSegmenter": "instances",
+    "TileInstances": "instances",
+    "load_nuclei_model": "nuclei",
+    "CellViTSegmenter": "cellvit",
+    "hover_instances": "hovernet",
+    "hv_targets": "hovernet",
 }
 
 __all__ = ["ARCHITECTURES", "ModelConfig", "ModelError", *_LAZY]
