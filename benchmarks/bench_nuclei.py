@@ -87,10 +87,25 @@ def random_cellpose(device: str):
     )
 
 
+_WRITE_STARDIST = """
+import sys
+import keras
+from stardist.models import Config2D, StarDist2D
+
+keras.utils.set_random_seed(0)
+model = StarDist2D(Config2D(n_channel_in=3), name="random", basedir=sys.argv[1])  # 2D_versatile_he's layout
+model.keras_model.save_weights(sys.argv[1] + "/random/weights_best.h5")
+"""
+
+
 def random_stardist(device: str):
+    """Config2D's defaults (32 rays, grid 2, the versatile H&E model's layout), random, in a model folder
+    written by a separate process: TensorFlow never enters this one."""
     from napari_nephro.models import stardist_adapter
 
-    return stardist_adapter.random_versatile_he()
+    folder = Path(tempfile.mkdtemp(prefix="stardist-bench-"))
+    subprocess.run([sys.executable, "-c", _WRITE_STARDIST, str(folder)], check=True, capture_output=True)
+    return stardist_adapter.load(folder / "random", device=device)
 
 
 def random_cellvit_256(device: str):

@@ -7,6 +7,9 @@ core comes back once, with a unique id, inside the image, in every output.
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +90,29 @@ def test_a_tiny_cellvit_through_the_engine(kidney):
     result = segment_instances_region(slide, model, skip_background=False)
     check_consistent(result, slide.level_shapes[0])
     assert set(result.classes) == {"neoplastic", "inflammatory", "connective", "dead", "epithelial"}
+
+
+@pytest.mark.shared
+def test_a_tiny_stardist_model_through_the_engine_and_the_cli(kidney, tmp_path, capsys):
+    if not os.environ.get("CI"):  # CI installs the testing extra, TensorFlow with it: there it must run
+        pytest.importorskip("tensorflow")
+    from test_stardist import BUILD_TINY, run_python
+
+    path, slide = kidney
+    done = run_python(BUILD_TINY, str(tmp_path), str(path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    from napari_nephro.models.nuclei import load_nuclei_model
+
+    model = load_nuclei_model(f"stardist:{tmp_path / 'tiny'}", device="cpu")
+    try:
+        result = segment_instances_region(slide, model, skip_background=False)
+    finally:
+        model.close()
+    check_consistent(result, slide.level_shapes[0])
+    assert result.nuclei  # the tiny model's rays make objects above its thresholds
+    out = tmp_path / "nuclei.geojson"
+    args = ["segment", str(path), "--mpp", "0.25", "--model", f"stardist:{tmp_path / 'tiny'}", "--out", str(out)]
+    assert main([*args, "--all-tiles", "--prob-threshold", "0.99"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and ("nuclei" in printed or "nucleus" in printed)
+    assert json.loads(out.read_text())["type"] == "FeatureCollection"

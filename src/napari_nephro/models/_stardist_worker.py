@@ -1,0 +1,121 @@
+"""The TensorFlow side of the StarDist adapter: a child process that loads one StarDist model and answers tiles.
+
+TensorFlow never runs in napari-nephro's own process: importing torchvision (whose
+CUDA wheels load triton) after TensorFlow kills the process with a segmentation
+fault, and TensorFlow's threads and memory are better kept out of napari too. So
+`stardist_adapter` starts this file as a script (`python _stardist_worker.py`,
+never as part of the package, so nothing of napari_nephro — and no torch — is
+imported here) and talks to it over its stdin and stdout with pickled messages:
+
+- ``("load", {"folder", "weights", "device"})`` -> ``("ok", {"gpu": bool})``
+- ``("predict", {"tiles": (N, T, T, 3) uint8, "prob", "nms", "percentiles", "min_range"})``
+  -> ``("ok", [(labels int32 (T, T), prob float32 (n,)), ...])``: label ``i + 1`` is
+  the object whose probability is ``prob[i]`` (ids may be missing where a polygon
+  was painted over by a more probable one)
+- ``("close", None)`` -> the process exits; so does end of input (the parent died).
+
+A failure is answered ``("error", kind, message)`` with kind ``missing`` (stardist or
+TensorFlow not installed) or ``failed``; the parent turns it into a ModelError.
+Anything the libraries print goes to stderr, never into the message stream.
+"""
+
+import sys
+
+if __name__ == "__main__":
+    del sys.path[0]  # this file's folder: its modules (config.py, ...) must not shadow anything
+
+import os
+import pickle
+import signal
+import traceback
+
+
+def _serve(reader, writer) -> None:
+    model = None
+    while True:
+        try:
+            op, payload = pickle.load(reader)
+        except EOFError:
+            return  # the parent is gone
+        if op == "close":
+            return
+        try:
+            if op == "load":
+                model, reply = _load(**payload)
+            elif op == "predict":
+                if model is None:
+                    raise RuntimeError("no model loaded")
+                reply = _predict(model, **payload)
+            else:
+                raise RuntimeError(f"unknown request {op!r}")
+            answer = ("ok", reply)
+        except _Missing as exc:
+            answer = ("error", "missing", str(exc))
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            answer = ("error", "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        pickle.dump(answer, writer, protocol=pickle.HIGHEST_PROTOCOL)
+        writer.flush()
+
+
+class _Missing(Exception):
+    pass
+
+
+def _load(folder: str, weights: str, device: str):
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # before TensorFlow is imported: it then sees no GPU
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise _Missing(f"tensorflow: {exc}") from None
+    try:
+        from stardist.models import StarDist2D
+    except ImportError as exc:
+        raise _Missing(f"stardist: {exc}") from None
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if device == "cuda" and not gpu:
+        raise RuntimeError("TensorFlow sees no GPU here (tensorflow-cpu, or no CUDA build): use --device cpu (or auto)")
+    folder = os.path.abspath(folder)
+    model = StarDist2D(None, name=os.path.basename(folder), basedir=os.path.dirname(folder))
+    model.load_weights(weights)  # the file the parent chose, not the newest *.h5 StarDist would pick
+    model.basedir = None  # read-only from here on: StarDist writes nothing into the folder
+    return model, {"gpu": gpu}
+
+
+def normalise(tile, percentiles: tuple[float, float], min_range: float):
+    """uint8 RGB -> float32 with the low percentile at 0 and the high one at 1, over all pixels and channels together
+    (as StarDist's H&E example); a range under `min_range` grey levels is stretched no more than that."""
+    import numpy as np
+
+    image = np.asarray(tile, np.float32)
+    low, high = np.percentile(image, percentiles)
+    return (image - np.float32(low)) / np.float32(max(high - low, min_range))
+
+
+def _predict(model, tiles, prob: float, nms: float, percentiles: tuple[float, float], min_range: float):
+    import numpy as np
+
+    out = []
+    for tile in tiles:
+        labels, details = model.predict_instances(
+            normalise(tile, percentiles, min_range),
+            axes="YXC",
+            prob_thresh=prob,
+            nms_thresh=nms,
+            verbose=False,
+            show_tile_progress=False,
+        )
+        out.append((np.asarray(labels, np.int32), np.asarray(details["prob"], np.float32)))
+    return out
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops this process
+    writer = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints (StarDist's, TensorFlow's) go to stderr
+    _serve(sys.stdin.buffer, writer)
+
+
+if __name__ == "__main__":
+    main()
