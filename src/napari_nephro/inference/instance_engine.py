@@ -48,8 +48,13 @@ class Nucleus:
 class InstanceSink(Protocol):
     rows_done: int  # output rows already final
 
-    def start(self, row: int) -> int:
-        """Where a run (re)starts: forget what tile rows >= `row` added, and return the first id of `row`."""
+    def start(self, row: int) -> tuple[int, int]:
+        """Where a run (re)starts, at tile row `row` or an earlier one it recorded (restarting earlier is always
+        safe): forget what tile rows from there on added, and return (that row, its first id)."""
+        ...
+
+    def finished_ids(self, rows: tuple[int, int], cols: tuple[int, int], below: int) -> np.ndarray | None:
+        """Output rows [rows) x columns [cols) as written, keeping only ids below `below` (None: not kept)."""
         ...
 
     def begin_row(self, row: int, next_id: int) -> None:
@@ -119,18 +124,34 @@ class Band:
         self.tile, self.width, self.height, self.top = tile, width, height, top
         self.rows = np.zeros((tile, width), np.uint32)
 
+    def taken(self, y: int, x: int, local: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per local id 1..n of a tile at working (y, x): its pixels inside the region, and how many of them
+        objects already pasted hold."""
+        h, w = min(local.shape[0], self.height - y), min(local.shape[1], self.width - x)
+        if h <= 0 or w <= 0:
+            return np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self._check(y, h)
+        new = local[:h, :w]
+        view = self.rows[y - self.top : y - self.top + h, x : x + w]
+        inside = np.bincount(new.ravel(), minlength=n + 1)[1:]
+        under = np.bincount(new[view != 0], minlength=n + 1)[1:]
+        return inside, under
+
     def paste(self, y: int, x: int, ids: np.ndarray) -> None:
         """`ids` (tile-sized, 0 = nothing) with its corner at working (y, x); clipped to the region."""
         h = min(ids.shape[0], self.height - y)
         w = min(ids.shape[1], self.width - x)
         if h <= 0 or w <= 0:
             return
-        if y < self.top or y + h > self.top + self.tile:
-            raise RuntimeError(f"tile at row {y} outside the band [{self.top}, {self.top + self.tile})")
+        self._check(y, h)
         view = self.rows[y - self.top : y - self.top + h, x : x + w]
         new = ids[:h, :w]
         free = (view == 0) & (new != 0)
         view[free] = new[free]
+
+    def _check(self, y: int, h: int) -> None:
+        if y < self.top or y + h > self.top + self.tile:
+            raise RuntimeError(f"tile at row {y} outside the band [{self.top}, {self.top + self.tile})")
 
     def release(self, until: int) -> tuple[int, np.ndarray]:
         """Rows [top, until) are final: hand them over and move the band down."""
@@ -179,6 +200,26 @@ class NearestRows:
         return first, rows[src][:, self.cols]
 
 
+def _refill(band: Band, rows: NearestRows, sink: InstanceSink, top: int, restart: int, first_id: int) -> None:
+    """Put back into the band the working rows [top, restart) as earlier tile rows left them (ids below
+    `first_id`), read from the output on disk: the objects pasted next are judged against the same pixels as in
+    an uninterrupted run. Exact when the output is at least as fine as the working grid (each working pixel
+    is some output pixel); on a coarser output the band starts empty there."""
+    if rows.ratio > 1 or restart <= top:
+        return
+    out_rows = np.arange(rows.out_h)
+    src = np.minimum(((out_rows + 0.5) * rows.ratio).astype(np.int64), rows.work_h - 1)
+    wanted = np.arange(top, min(restart, band.height))
+    j = np.searchsorted(src, wanted)  # the first output row showing each working row
+    cols = np.searchsorted(rows.cols, np.arange(band.width))
+    if j.size == 0 or j.max() >= rows.out_h or cols.max() >= rows.cols.size:
+        return
+    written = sink.finished_ids((int(j.min()), int(j.max()) + 1), (0, rows.cols.size), first_id)
+    if written is None:
+        return
+    band.rows[: wanted.size] = written[j - j.min()][:, cols]
+
+
 def run_instance_tiles(
     slide: Slide,
     segmenter,
@@ -199,10 +240,12 @@ def run_instance_tiles(
     restart = rows.first_work_row()
     row_starts = plan.row_starts
     first_row = next((i for i, y in enumerate(row_starts) if y + plan.tile > restart), len(row_starts))
-    next_id = sink.start(first_row)
+    first_row, next_id = sink.start(first_row)
     todo = [t for t in plan.tiles if t.row >= first_row]
     top = row_starts[first_row] if first_row < len(row_starts) else plan.work_shape[0]
     band = Band(plan.tile, plan.work_shape[1], plan.work_shape[0], top)
+    if top < restart:  # a resume: the rows on disk hold objects of earlier tile rows that later ones must see
+        _refill(band, rows, sink, top, restart, next_id)
     writer = _InstanceWriter(plan, band, rows, sink, todo, next_id, polygons, slide_mpp_of(slide))
     counter = _Counter(len(plan.tiles), len(plan.tiles) - len(todo), progress)
     counter.add(sum(not t.tissue for t in todo))
@@ -312,6 +355,15 @@ class _InstanceWriter(_Stage):
         if local.size == 0:
             return
         labels = np.asarray(found.labels)
+        # a model that sees each tile in its own context (per-tile normalisation) may place a nucleus by a
+        # core's edge a little differently in two tiles, and both keep it: the second copy, mostly under the
+        # first, is dropped; what is left of a kept one is what the table measures
+        inside, under = self.band.taken(tile.y, tile.x, labels, found.count)
+        free = inside[local - 1] - under[local - 1]
+        keep = (under[local - 1] * 2 <= inside[local - 1]) & (free > 0)
+        local, cy, cx, count = local[keep], cy[keep], cx[keep], free[keep]
+        if local.size == 0:
+            return
         lut = np.zeros(found.count + 1, np.uint32)
         ids = np.arange(self.next_id, self.next_id + local.size, dtype=np.uint32)
         lut[local] = ids

@@ -70,8 +70,11 @@ class RegionInstances:
         self.nuclei: list[Nucleus] = []
         self.rows_done = 0
 
-    def start(self, row: int) -> int:
-        return 1
+    def start(self, row: int) -> tuple[int, int]:
+        return 0, 1
+
+    def finished_ids(self, rows, cols, below: int):
+        return None  # a region is never resumed
 
     def begin_row(self, row: int, next_id: int) -> None:
         pass
@@ -93,7 +96,6 @@ class SlideInstances:
     def __init__(self, store: ZarrRunStore, classes: list[str], slide_mpp: float, polygons: bool, run: str) -> None:
         self.store, self.classes, self.mpp, self.polygons, self.run = store, classes, slide_mpp, polygons, run
         self.rows: dict[str, list[int]] = dict(store.record.get(STATE_KEY, {}).get("rows", {}))
-        self.count = int(store.record.get(STATE_KEY, {}).get("count", 0))
         self._table = self._detections = None
         store.extra_record = lambda done: {STATE_KEY: {"rows": self.rows}}
 
@@ -101,23 +103,29 @@ class SlideInstances:
     def rows_done(self) -> int:
         return self.store.rows_done
 
-    def start(self, row: int) -> int:
+    def start(self, row: int) -> tuple[int, int]:
         table, detections = self.store.path / TABLE, self.store.path / DETECTIONS
-        if row == 0 or str(row) not in self.rows:
-            if row != 0:
+        recorded = [int(k) for k in self.rows if int(k) <= row]
+        if not recorded:
+            if self.rows:
                 raise SegmentError(
-                    f"{self.store.path}: its record does not say where tile row {row} starts; pass --overwrite to restart"
+                    f"{self.store.path}: its record does not say where the run can restart; pass --overwrite"
                 )
             self._table = open(table, "wb")  # noqa: SIM115 - kept open for the run, closed in flush
             self._table.write((",".join(COLUMNS) + "\n").encode())
             self._detections = open(detections, "wb") if self.polygons else None  # noqa: SIM115
-            self.rows = {}
-            return 1
+            return 0, 1
+        row = max(recorded)  # the latest row recorded at or before the one asked for: earlier is always safe
         first_id, table_at, detections_at = self.rows[str(row)]
         self._table = _cut(table, table_at)
         self._detections = _cut(detections, detections_at) if self.polygons else None
         self.rows = {k: v for k, v in self.rows.items() if int(k) <= row}
-        return int(first_id)
+        return row, int(first_id)
+
+    def finished_ids(self, rows: tuple[int, int], cols: tuple[int, int], below: int) -> np.ndarray:
+        oy, ox = self.store.offset
+        ids = np.asarray(self.store.array[oy + rows[0] : oy + rows[1], ox + cols[0] : ox + cols[1]])
+        return np.where(ids < below, ids, 0).astype(np.uint32)
 
     def begin_row(self, row: int, next_id: int) -> None:
         self._table.flush()

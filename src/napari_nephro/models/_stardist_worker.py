@@ -5,7 +5,9 @@ CUDA wheels load triton) after TensorFlow kills the process with a segmentation
 fault, and TensorFlow's threads and memory are better kept out of napari too. So
 `stardist_adapter` starts this file as a script (`python _stardist_worker.py`,
 never as part of the package, so nothing of napari_nephro — and no torch — is
-imported here) and talks to it over its stdin and stdout with pickled messages:
+imported here) and talks to it over its stdin and stdout with messages of plain data:
+a JSON header (arrays named by dtype and shape) and the arrays' raw bytes (`send` /
+`receive`; nothing is unpickled on either side):
 
 - ``("load", {"folder", "weights", "device"})`` -> ``("ok", {"gpu": bool})``
 - ``("predict", {"tiles": (N, T, T, 3) uint8, "prob", "nms", "percentiles", "min_range"})``
@@ -24,17 +26,74 @@ import sys
 if __name__ == "__main__":
     del sys.path[0]  # this file's folder: its modules (config.py, ...) must not shadow anything
 
+import json
 import os
-import pickle
 import signal
+import struct
 import traceback
+
+
+def send(writer, message) -> None:
+    """Write `message` (tuples, lists, dicts, str, numbers, None and numpy arrays) and flush."""
+    import numpy as np
+
+    arrays = []
+
+    def plain(value):
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError("arrays of objects cannot be sent")
+            arrays.append(np.ascontiguousarray(value))
+            return {"__array__": [value.dtype.str, list(value.shape)]}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    header = json.dumps(plain(message)).encode()
+    writer.write(struct.pack("<Q", len(header)) + header)
+    for array in arrays:
+        writer.write(array.tobytes())
+    writer.flush()
+
+
+def receive(reader):
+    """The next message `send` wrote (lists for tuples); EOFError at the end of the stream."""
+    import numpy as np
+
+    size = reader.read(8)
+    if len(size) < 8:
+        raise EOFError
+    header = json.loads(reader.read(struct.unpack("<Q", size)[0]))
+
+    def rebuilt(value):
+        if isinstance(value, dict) and set(value) == {"__array__"}:
+            kind, shape = value["__array__"]
+            dtype = np.dtype(kind)
+            if dtype.hasobject:
+                raise ValueError("arrays of objects are refused")
+            size = dtype.itemsize * int(np.prod(shape))
+            data = reader.read(size)
+            if len(data) < size:
+                raise EOFError
+            return np.frombuffer(data, dtype).reshape(shape).copy()
+        if isinstance(value, list):
+            return [rebuilt(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rebuilt(v) for k, v in value.items()}
+        return value
+
+    return rebuilt(header)
 
 
 def _serve(reader, writer) -> None:
     model = None
     while True:
         try:
-            op, payload = pickle.load(reader)
+            op, payload = receive(reader)
         except EOFError:
             return  # the parent is gone
         if op == "close":
@@ -54,8 +113,7 @@ def _serve(reader, writer) -> None:
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             answer = ("error", "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
-        pickle.dump(answer, writer, protocol=pickle.HIGHEST_PROTOCOL)
-        writer.flush()
+        send(writer, answer)
 
 
 class _Missing(Exception):

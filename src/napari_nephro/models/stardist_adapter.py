@@ -43,7 +43,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._stardist_worker import receive, send
 from .errors import ModelError
 from .instances import TileInstances
 
@@ -274,10 +274,9 @@ class StarDistWorker:
             if not self.alive:
                 raise self._died()
             try:
-                pickle.dump((op, payload), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                self.process.stdin.flush()
-                answer = pickle.load(self.process.stdout)
-            except (EOFError, OSError, pickle.UnpicklingError):
+                send(self.process.stdin, (op, payload))
+                answer = receive(self.process.stdout)
+            except (EOFError, OSError, ValueError):
                 raise self._died() from None
             except BaseException:  # interrupted mid-answer: the stream is out of step, so the worker is done
                 self.close()
@@ -337,7 +336,7 @@ def _stop(process: subprocess.Popen) -> None:
     """End the worker: ask (end of input), then kill if it has not gone within 5 s."""
     if process.poll() is None:
         with contextlib.suppress(OSError, ValueError):
-            pickle.dump(("close", None), process.stdin)
+            send(process.stdin, ("close", None))
             process.stdin.close()
         try:
             process.wait(timeout=5)

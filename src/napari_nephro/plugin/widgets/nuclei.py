@@ -153,6 +153,9 @@ class NucleiWidget(SegmentWidget):
         if slide.mpp is None:
             raise SegmentError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
         model = self.segmenter()
+        licence = getattr(model, "licence", "")
+        if licence and licence not in self.model_info.text():  # the weights' own terms, once they are loaded
+            self.model_info.setText(f"{self.model_info.text()} {licence}")
         plan = plan_run(slide, model, self.region(layer))
         device = str(getattr(model.device, "type", model.device))
         rate = getattr(model, "cpu_seconds_per_megapixel", None)
