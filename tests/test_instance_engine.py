@@ -324,3 +324,9 @@ def test_a_resumed_run_drops_the_same_doubled_nuclei_as_an_uninterrupted_one(cmu
     segment_instances_slide(cmu, model, out, resume=True)
     assert np.array_equal(_labels(out), _labels(whole.path))
     assert read_nuclei_table(out) == read_nuclei_table(whole.path)
+
+
+@pytest.mark.shared
+def test_an_overlap_below_the_models_halo_is_refused(cmu):
+    with pytest.raises(SegmentError, match="less than the model's halo of 64 px"):
+        segment_instances_region(cmu, ClassicalNuclei(), (0, 0, 500, 500), overlap=16)

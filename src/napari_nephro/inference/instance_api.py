@@ -104,6 +104,15 @@ def _summary(classes: list[str], names: list[str], areas: np.ndarray, plan: Plan
 def _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background, batch_size, readers) -> Plan:
     if getattr(segmenter, "kind", None) != "instance":
         raise SegmentError(f"{type(segmenter).__name__} is not an instance model (kind must be 'instance')")
+    halo = int(getattr(segmenter, "overlap", 0))
+    if overlap is not None and overlap < halo:
+        raise SegmentError(
+            f"an overlap of {overlap} px is less than the model's halo of {halo} px: nuclei at tile borders would "
+            f"be cut or lost; use at least {halo} (or leave the overlap to the model)"
+        )
+    check_tile = getattr(segmenter, "check_tile", None)
+    if tile is not None and check_tile is not None:
+        check_tile(int(tile))
     plan = plan_run(slide, segmenter, region, out_downsample, tile, overlap, skip_background)
     check_memory(plan, 1, batch_size, readers, _level_ratio(slide, plan))
     return plan

@@ -723,6 +723,10 @@ class CellViTSegmenter:
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
+    def check_tile(self, tile: int) -> None:
+        """Refuse, before a run, a tile side the network cannot take (the engine asks when --tile is given)."""
+        _check_tile(tile, self.spec)
+
     def predict_maps(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 -> foreground (N, H, W) probability, hv (N, 2, H, W), types (N, C, H, W) softmax
         (channel 0 background), tissue (N, tissues) softmax; sides padded to a multiple of 16 and cut back."""

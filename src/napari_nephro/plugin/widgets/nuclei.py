@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFileDialog
 
 from ...inference import SegmentError, partial_path
+from ._layers import UserFailure, catching
 from .segment import REGION_PIXELS, SegmentWidget
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class NucleiWidget(SegmentWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         self.family_combo = QComboBox()
         self.family_combo.addItems(list(FAMILIES))
-        self.diameter_spin = _spin(0, 100, 1, 0.0, "0 = the model's own")
+        self.diameter_spin = _spin(0, 100, 1, 0.0, "7.5 (kidney nuclei)")
         self.flow_spin = _spin(0, 3, 0.05, 0.4)
         self.cellprob_spin = _spin(-6, 6, 0.5, 0.0)
         self.prob_spin = _spin(0, 1, 0.05, 0.0, "0 = thresholds.json")
@@ -60,6 +61,7 @@ class NucleiWidget(SegmentWidget):
             at += 1
         self.out_edit.setPlaceholderText("whole slide: .zarr, .geojson, .csv (default: OME-Zarr beside the slide)")
         self.family_combo.currentTextChanged.connect(self._describe_model)
+        self.family_combo.currentTextChanged.connect(lambda _: self.model_edit.clear())  # weights of another family
         self._built = True
         self._describe_model()
 
@@ -114,12 +116,15 @@ class NucleiWidget(SegmentWidget):
         if path:
             self.model_edit.setText(path)
 
+    def _key(self) -> tuple:
+        return (self.spec(), self.device_combo.currentText(), tuple(sorted(self.options().items())))
+
     def segmenter(self):
         """The model, loaded once per family, weights, device and options."""
         from ...models.nuclei import load_nuclei_model
 
         options = self.options()
-        key = (self.spec(), self.device_combo.currentText(), tuple(sorted(options.items())))
+        key = self._key()
         old = self._segmenter
         model = self._cached(key, lambda: load_nuclei_model(key[0], device=key[1], **options))
         if old is not None and old is not model and hasattr(old, "close"):
@@ -134,6 +139,29 @@ class NucleiWidget(SegmentWidget):
         return source.with_name(f"{source.stem}.nuclei-{self.family()}.zarr")
 
     # -- running ---------------------------------------------------------------
+    def run(self) -> None:
+        """Load the model first, off the GUI thread (a TensorFlow process or a 2.8 GB checkpoint takes seconds),
+        then estimate and run as the Segment widget does."""
+        from napari.qt.threading import create_worker
+
+        if self.slide_layer() is None or (self._segmenter is not None and self._segmenter_key == self._key()):
+            super().run()
+            return
+        self.run_button.setEnabled(False)
+        self.status.setText("Loading the model…")
+        self._loader = create_worker(catching(self.segmenter, self.errors))
+        self._loader.returned.connect(self._loaded)
+        self._loader.errored.connect(self._failed)
+        self._loader.errored.connect(lambda _: self.run_button.setEnabled(True))
+        self._loader.start()
+
+    def _loaded(self, outcome) -> None:
+        self.run_button.setEnabled(True)
+        if isinstance(outcome, UserFailure):
+            self.status.setText(outcome)
+            return
+        super().run()
+
     def ready(self, layer) -> bool:
         """Say what the run costs on this device first; a long one starts only when Run is pressed again."""
         seconds, text = self.estimate(layer)
@@ -208,8 +236,10 @@ class NucleiWidget(SegmentWidget):
         pyramid = read_label_zarr(path)
         downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
         rows = []
-        table = read_nuclei_table(path)
-        if len(table) <= FEATURE_ROWS:
+        with open(path / "nuclei.csv", "rb") as f:
+            count = sum(1 for _ in f) - 1
+        table = read_nuclei_table(path) if count <= FEATURE_ROWS else []  # millions of rows: not into the layer
+        if table:
             rows = [
                 {"index": r["id"], "class": r["class"], "score": r["score"], "area_um2": r["area_um2"]} for r in table
             ]
