@@ -407,3 +407,19 @@ def test_a_cpdino_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(ModelError) as error:
         ca.load(str(path), device="cpu")
     assert "dinov3" in one_line(error)
+
+
+def test_cellpose_sam_runs_through_the_engine_on_a_real_kidney_image():
+    from conftest import require_shared
+    from napari_nephro.inference import segment_instances_region
+    from napari_nephro.io import open_slide
+
+    slide = open_slide(require_shared("nuclei", "nuinsseg_kidney", "test", "images", "human_kidney_07.png"), mpp=0.25)
+    segmenter = ca.CellposeSAMSegmenter(
+        stand_in_cellpose_model(StandInSAM()), fingerprint="x", tile_size=256, overlap=112
+    )
+    result = segment_instances_region(slide, segmenter, (128, 128, 256, 256), skip_background=False)  # one tile
+    ids = np.unique(result.array)
+    ids = ids[ids != 0]
+    assert result.stats.complete and result.nuclei  # the stand-in outlines dark blobs of the tile
+    assert ids.tolist() == sorted(n.id for n in result.nuclei)
