@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,39 +87,58 @@ def run_tiles(
     writer = _Writer(stitcher, resampler, sink, todo, row_starts)
     counter = _Counter(len(plan.tiles), already, progress)
     counter.add(sum(not t.tissue for t in todo))  # glass is done as soon as it is known to be glass
-    model_seconds, predicted, complete = 0.0, 0, False
+    model_seconds, predicted = 0.0, 0
     kept = [t for t in todo if t.tissue]
-    batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel)
     writer.start()
     try:
-        pending: deque[tuple[list[GridTile], list[Future]]] = deque()
-        next_batch = 0
-        while next_batch < len(batches) or pending:
-            while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
-                batch = batches[next_batch]
-                pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
-                next_batch += 1
-            if cancel is not None and cancel():
-                break
-            batch, futures = pending.popleft()
-            pixels = np.stack([f.result() for f in futures])
+        for batch, pixels in batches:
             t0 = time.perf_counter()
             probs = _predict(segmenter, pixels)
             model_seconds += time.perf_counter() - t0
             writer.put((batch, probs))
             predicted += len(batch)
             counter.add(len(batch))
-        else:
-            complete = True
     finally:
-        for _, futures in pending:
-            for f in futures:
-                f.cancel()
+        batches.close()  # tiles read ahead of a stop are dropped
         try:
             writer.close()  # stitches what was handed over, with the pool's help
         finally:
             pool.shutdown(cancel_futures=True)
+    complete = predicted == len(kept)
     return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+
+
+def read_ahead(
+    slide: Slide,
+    plan: Plan,
+    tiles: list[GridTile],
+    batch_size: int,
+    pool: ThreadPoolExecutor,
+    cancel: Callable[[], bool] | None,
+) -> Generator[tuple[list[GridTile], np.ndarray], None, None]:
+    """Batches of `tiles` and their pixels, in order, read by `pool` PREFETCH_BATCHES batches ahead of the model.
+
+    Stops early when `cancel()` says so (checked before each batch); closing the
+    generator drops what was read ahead. Both engines feed their models from it.
+    """
+    batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+    pending: deque[tuple[list[GridTile], list[Future]]] = deque()
+    next_batch = 0
+    try:
+        while next_batch < len(batches) or pending:
+            while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
+                batch = batches[next_batch]
+                pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
+                next_batch += 1
+            if cancel is not None and cancel():
+                return
+            batch, futures = pending.popleft()
+            yield batch, np.stack([f.result() for f in futures])
+    finally:
+        for _, futures in pending:
+            for f in futures:
+                f.cancel()
 
 
 MAX_RUN_BYTES = 8 * 1024**3  # what a run may hold besides the model: a 16 GB laptop still has room for it

@@ -16,9 +16,8 @@ written again are identical and nothing is numbered twice.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,9 +26,9 @@ from scipy import ndimage
 
 from ..io import Slide
 from ..models.instances import TileInstances
-from .engine import PREFETCH_BATCHES, Progress, RunStats, _Counter, _read, _Stage, default_readers
+from .engine import PREFETCH_BATCHES, Progress, RunStats, _Counter, _Stage, default_readers, read_ahead
 from .errors import SegmentError
-from .plan import GridTile, Plan
+from .plan import GridTile, Plan, slide_mpp
 
 
 @dataclass
@@ -246,26 +245,16 @@ def run_instance_tiles(
     band = Band(plan.tile, plan.work_shape[1], plan.work_shape[0], top)
     if top < restart:  # a resume: the rows on disk hold objects of earlier tile rows that later ones must see
         _refill(band, rows, sink, top, restart, next_id)
-    writer = _InstanceWriter(plan, band, rows, sink, todo, next_id, polygons, slide_mpp_of(slide))
+    writer = _InstanceWriter(plan, band, rows, sink, todo, next_id, polygons, slide_mpp(slide))
     counter = _Counter(len(plan.tiles), len(plan.tiles) - len(todo), progress)
     counter.add(sum(not t.tissue for t in todo))
     kept = [t for t in todo if t.tissue]
-    batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
     pool = ThreadPoolExecutor(readers, thread_name_prefix="nephro-read")
-    model_seconds, predicted, complete = 0.0, 0, False
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel)
+    model_seconds, predicted = 0.0, 0
     writer.start()
     try:
-        pending: deque[tuple[list[GridTile], list[Future]]] = deque()
-        next_batch = 0
-        while next_batch < len(batches) or pending:
-            while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
-                batch = batches[next_batch]
-                pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
-                next_batch += 1
-            if cancel is not None and cancel():
-                break
-            batch, futures = pending.popleft()
-            pixels = np.stack([f.result() for f in futures])
+        for batch, pixels in batches:
             t0 = time.perf_counter()
             found = segmenter.predict_instances(pixels)
             model_seconds += time.perf_counter() - t0
@@ -274,23 +263,14 @@ def run_instance_tiles(
             writer.put((batch, found))
             predicted += len(batch)
             counter.add(len(batch))
-        else:
-            complete = True
     finally:
-        for _, futures in pending:
-            for f in futures:
-                f.cancel()
+        batches.close()
         try:
             writer.close()
         finally:
             pool.shutdown(cancel_futures=True)
+    complete = predicted == len(kept)
     return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
-
-
-def slide_mpp_of(slide: Slide) -> float:
-    from .plan import slide_mpp
-
-    return slide_mpp(slide)
 
 
 class _InstanceWriter(_Stage):
