@@ -479,35 +479,17 @@ def _segment_nuclei(args: argparse.Namespace) -> int:
 
 
 def nuclei_cost(slide, segmenter, region, tile, overlap, skip_background) -> list[str]:
-    """What the user must know before a nuclei run: the weights' terms, and the time a CPU takes for a GPU model."""
+    """What the user must know before a nuclei run: the weights' terms, and the time it takes on a CPU."""
     from .inference import plan_run
+    from .inference.instance_api import cpu_cost
 
-    lines = []
-    licence = getattr(segmenter, "licence", None)
-    if licence:
-        lines.append(f"note: {licence}")
-    rate = getattr(segmenter, "cpu_seconds_per_megapixel", None)
-    if rate and _device_type(segmenter) == "cpu":
+    lines = [f"note: {segmenter.licence}"] if getattr(segmenter, "licence", None) else []
+    if getattr(segmenter, "cpu_seconds_per_megapixel", None):  # planning reads the tissue map: only when it tells
         plan = plan_run(slide, segmenter, region, tile=tile, overlap=overlap, skip_background=skip_background)
-        seconds = plan.tissue_tiles * plan.tile**2 / 1e6 * rate
-        text = f"{plan.tissue_tiles} tiles of {plan.tile} px: about {_duration(seconds)} on this CPU"
-        if getattr(segmenter, "gpu_model", False) and seconds > 120:
-            text += " (a GPU model: use --device cuda, or segment a --region)"
-        lines.append(text)
+        cost = cpu_cost(plan, segmenter, advice="use --device cuda, or segment a --region")
+        if cost is not None:
+            lines.append(cost[1])
     return lines
-
-
-def _device_type(segmenter) -> str:
-    device = getattr(segmenter, "device", "cpu")
-    return str(getattr(device, "type", device))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _segmenter(args: argparse.Namespace):

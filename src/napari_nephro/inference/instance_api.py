@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.lock import Locked, exclusive
+from ..common.text import duration
 from ..io import Slide
 from .api import MAX_REGION_BYTES, _device_name, _json, _level_ratio, plan_run
 from .engine import Progress, RunStats, check_memory
@@ -23,6 +23,7 @@ from .instance_output import (
     TABLE,
     RegionInstances,
     SlideInstances,
+    class_name,
     finish_instances,
 )
 from .output import ZarrRunStore, check_output, partial_path
@@ -101,6 +102,23 @@ def _summary(classes: list[str], names: list[str], areas: np.ndarray, plan: Plan
     return summary
 
 
+LONG_RUN_SECONDS = 120  # a run estimated longer than this on a CPU is worth a word before it starts
+
+
+def cpu_cost(plan: Plan, segmenter, advice: str = "use a GPU, or a smaller region") -> tuple[float, str] | None:
+    """Seconds the run of `plan` takes on this CPU, and the words for it, from the model's measured seconds per
+    megapixel; None when the model runs elsewhere or gives no figure. A GPU model's long run says so."""
+    rate = getattr(segmenter, "cpu_seconds_per_megapixel", None)
+    device = getattr(segmenter, "device", "cpu")
+    if not rate or str(getattr(device, "type", device)) != "cpu":
+        return None
+    seconds = plan.tissue_tiles * plan.tile**2 / 1e6 * rate
+    text = f"{plan.tissue_tiles} tiles of {plan.tile} px: about {duration(seconds)} on this CPU"
+    if getattr(segmenter, "gpu_model", False) and seconds > LONG_RUN_SECONDS:
+        text += f" (a GPU model: {advice})"
+    return seconds, text
+
+
 def _plan(slide, segmenter, region, out_downsample, tile, overlap, skip_background, batch_size, readers) -> Plan:
     if getattr(segmenter, "kind", None) != "instance":
         raise SegmentError(f"{type(segmenter).__name__} is not an instance model (kind must be 'instance')")
@@ -161,7 +179,7 @@ def segment_instances_region(
     classes = list(segmenter.classes)
     summary = None
     if stats.complete:
-        names = [classes[n.cls] if 0 <= n.cls < len(classes) else str(n.cls) for n in sink.nuclei]
+        names = [class_name(classes, n.cls) for n in sink.nuclei]
         summary = _summary(classes, names, np.array([n.area_um2 for n in sink.nuclei]), plan, mpp)
     return InstanceRegionResult(
         sink.array, sink.nuclei, plan.region, plan.out_downsample, mpp * plan.out_downsample, classes, stats, summary
@@ -299,5 +317,5 @@ def read_nuclei_table(path: str | os.PathLike[str]) -> list[dict]:
     for row in rows:
         row["id"] = int(row["id"])
         for key in ("score", "x_um", "y_um", "area_um2", "x_px", "y_px"):
-            row[key] = float(row[key]) if math.isfinite(float(row[key])) else float("nan")
+            row[key] = float(row[key])
     return rows

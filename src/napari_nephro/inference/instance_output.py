@@ -34,10 +34,15 @@ COLUMNS = ["id", "class", "score", "x_um", "y_um", "area_um2", "x_px", "y_px"]
 INSTANCE_SUFFIXES = (".zarr", ".geojson", ".csv", ".parquet")
 
 
+def class_name(classes: list[str], cls: int) -> str:
+    """The name of class index `cls`; its number when the model gave one beyond its list."""
+    return classes[cls] if 0 <= cls < len(classes) else str(cls)
+
+
 def table_row(n: Nucleus, classes: list[str], mpp: float) -> list:
     return [
         n.id,
-        classes[n.cls] if 0 <= n.cls < len(classes) else str(n.cls),
+        class_name(classes, n.cls),
         round(n.score, 4),
         round(n.x * mpp, 3),
         round(n.y * mpp, 3),
@@ -49,7 +54,7 @@ def table_row(n: Nucleus, classes: list[str], mpp: float) -> list:
 
 def detection(n: Nucleus, classes: list[str], run: str) -> dict:
     """One QuPath detection: objectType, class with its colour, measurements; a stable id per run and object."""
-    name = classes[n.cls] if 0 <= n.cls < len(classes) else str(n.cls)
+    name = class_name(classes, n.cls)
     return {
         "type": "Feature",
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"napari-nephro/{run}/{n.id}")),

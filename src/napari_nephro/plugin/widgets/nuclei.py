@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFileDialog
 
 from ...inference import SegmentError, partial_path
+from ...inference.instance_api import LONG_RUN_SECONDS  # a longer run asks for a second Run
 from ._layers import UserFailure, catching
 from .segment import REGION_PIXELS, SegmentWidget
 
 if TYPE_CHECKING:
     import napari
 
-LONG_RUN_SECONDS = 120  # a run estimated longer than this on the chosen device asks for a second Run
+
 FEATURE_ROWS = 200_000  # nuclei beyond this are not loaded into the layer's features table
 FAMILIES = {
     "cellpose": "nuclei (classic, default), cyto3, cpsam (Cellpose-SAM, a GPU model) or a model file",
@@ -176,6 +177,7 @@ class NucleiWidget(SegmentWidget):
     def estimate(self, layer) -> tuple[float, str]:
         """Tissue tiles x the model's measured seconds per megapixel on a CPU (0 on a GPU: no figure to give)."""
         from ...inference import plan_run
+        from ...inference.instance_api import cpu_cost
 
         slide = layer.metadata["slide"]
         if slide.mpp is None:
@@ -185,15 +187,13 @@ class NucleiWidget(SegmentWidget):
         if licence and licence not in self.model_info.text():  # the weights' own terms, once they are loaded
             self.model_info.setText(f"{self.model_info.text()} {licence}")
         plan = plan_run(slide, model, self.region(layer))
-        device = str(getattr(model.device, "type", model.device))
-        rate = getattr(model, "cpu_seconds_per_megapixel", None)
-        if device != "cpu" or not rate:
-            return 0.0, f"{plan.tissue_tiles} tiles of {plan.tile} px on {device}"
-        seconds = plan.tissue_tiles * plan.tile**2 / 1e6 * rate
-        text = f"{plan.tissue_tiles} tiles of {plan.tile} px: about {_minutes(seconds)} on this CPU"
-        if getattr(model, "gpu_model", False) and seconds > LONG_RUN_SECONDS:
-            text += " (a GPU model: choose cuda, or zoom onto a small field of view)"
-        return seconds, text
+        cost = cpu_cost(plan, model, advice="choose cuda, or zoom onto a small field of view")
+        if cost is None:
+            return 0.0, f"{plan.tissue_tiles} tiles of {plan.tile} px on {getattr(model.device, 'type', model.device)}"
+        seconds, text = cost
+        return seconds, text.replace("use a GPU", "choose cuda").replace(
+            "a smaller region", "zoom onto a small field of view"
+        )
 
     def _job(self, layer):
         from ...inference.instance_api import segment_instances_region, segment_instances_slide
@@ -267,13 +267,3 @@ def _spin(low: float, high: float, step: float, value: float, special: str | Non
     if special:
         spin.setSpecialValueText(special)
     return spin
-
-
-def _minutes(seconds: float) -> str:
-    return (
-        f"{seconds:.0f} s"
-        if seconds < 90
-        else f"{seconds / 60:.0f} min"
-        if seconds < 5400
-        else f"{seconds / 3600:.1f} h"
-    )
