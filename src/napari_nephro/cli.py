@@ -181,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         help="checkpoint folder (config.json + model.safetensors), 'default', seggpt[:FOLDER_OR_HF_ID] with "
-        "--prompts; nuclei: cellpose[:nuclei|cyto3|cpsam|FILE], stardist[:FOLDER], cellvit:CHECKPOINT.pth",
+        "--prompts; nuclei: 'nuclei' (the shipped model, offline on a CPU) or a folder from nephro train --task nuclei, "
+        "cellpose[:nuclei|cyto3|cpsam|FILE], stardist[:FOLDER], cellvit:CHECKPOINT.pth",
     )
     seg.add_argument("--prompts", type=Path, help="SegGPT: prompt set folder (see `nephro prompts add`)")
     seg.add_argument(
@@ -228,13 +229,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     nuc.add_argument("--flow-threshold", type=_finite, help="Cellpose: flow error threshold (default 0.4)")
     nuc.add_argument("--cellprob-threshold", type=_finite, help="Cellpose: cell probability threshold (default 0)")
-    nuc.add_argument("--prob-threshold", type=OPEN_FRACTION, help="StarDist: object probability (default: the model's)")
+    nuc.add_argument(
+        "--prob-threshold",
+        type=OPEN_FRACTION,
+        help="StarDist, nuclei: object / nuclear probability (default: the model's)",
+    )
     nuc.add_argument("--nms-threshold", type=OPEN_FRACTION, help="StarDist: overlap suppression (default: the model's)")
     seg.add_argument("--resume", action="store_true", help="finish an interrupted run (its .partial.zarr)")
     seg.add_argument("--overwrite", action="store_true", help="replace an existing output or unfinished run")
     seg.set_defaults(func=cmd_segment)
 
-    tr = sub.add_parser("train", help="train or fine-tune a glomerulus network from annotated images or slides")
+    tr = sub.add_parser(
+        "train", help="train or fine-tune a glomerulus or nuclei network from annotated images or slides"
+    )
+    tr.add_argument(
+        "--task",
+        choices=("glomeruli", "nuclei"),
+        default="glomeruli",
+        help="glomeruli (a class map, default) or nuclei (instances, HoVer heads; --from cellvit:FILE fine-tunes CellViT)",
+    )
     tr.add_argument("--annotations", required=True, help="annotation file or folder (GeoJSON, COCO, XML, masks)")
     tr.add_argument("--images", required=True, help="the slide or image, or a folder of them matched by file stem")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
@@ -243,16 +256,22 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--decoder-channels", type=int, nargs="+", help="U-Net decoder widths, e.g. 128 64 32 16 8")
     tr.add_argument("--classes", nargs="+", help="class names (default: glomerulus)")
     tr.add_argument("--map", nargs="+", default=[], metavar="LABEL=CLASS", help="rename labels (LABEL=ignore drops)")
-    tr.add_argument("--from", dest="init", type=Path, help="fine-tune this checkpoint instead of starting fresh")
+    tr.add_argument(
+        "--from",
+        dest="init",
+        help="fine-tune this checkpoint instead of starting fresh (nuclei: also nuclei, cellvit:FILE)",
+    )
     tr.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
-    tr.add_argument("--mpp", type=POSITIVE, help="micrometres per pixel of the tiles (default 1.0)")
+    tr.add_argument("--mpp", type=POSITIVE, help="micrometres per pixel of the tiles (default 1.0; nuclei 0.5)")
     tr.add_argument("--image-mpp", type=POSITIVE, help="pixel size of images that do not say (plain PNG/JPEG)")
     tr.add_argument("--tile", type=int, help="tile size at --mpp (default 1024)")
     tr.add_argument("--overlap", type=int, help="overlap between tiles (default 256)")
     tr.add_argument("--input", type=int, help="network input size (default 320)")
-    tr.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
-    tr.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    tr.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate (default 1e-4)")
+    tr.add_argument("--epochs", type=int, help="epochs (default 30; nuclei 36)")
+    tr.add_argument("--batch", type=int, help="batch size (default 8; nuclei 16)")
+    tr.add_argument("--lr", type=POSITIVE, help="peak learning rate (default 1e-4; nuclei 2e-3)")
+    tr.add_argument("--steps", type=int, help="nuclei: steps per epoch (random crops; default 50)")
+    tr.add_argument("--crop", type=int, help="nuclei: crop side in px at --mpp (default 192)")
     tr.add_argument("--weight-decay", type=_number(0), default=1e-5, help="AdamW weight decay (default 1e-5)")
     tr.add_argument("--val-fraction", type=OPEN_FRACTION, default=0.2, help="share of images kept for validation (0.2)")
     tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
@@ -361,7 +380,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return _segment_nuclei(args)
     given = [f"--{k.replace('_', '-')}" for k in NUCLEI_OPTIONS if getattr(args, k) is not None]
     if given:
-        raise UserError(f"{', '.join(given)}: options of the nuclei models (cellpose, stardist), not of {args.model}")
+        raise UserError(
+            f"{', '.join(given)}: options of the nuclei models (cellpose, stardist, nuclei), not of {args.model}"
+        )
     from .inference.output import check_output
 
     if check_output(args.out, overwrite=args.overwrite, resume=args.resume):  # before a model of seconds to load
@@ -427,7 +448,7 @@ def _segment_nuclei(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} is not an option of the nuclei models")
     if args.threshold != 0.5:
         raise UserError(
-            "--threshold is for glomerulus models: cellpose takes --cellprob-threshold, stardist --prob-threshold"
+            "--threshold is for glomerulus models: cellpose takes --cellprob-threshold, stardist and nuclei --prob-threshold"
         )
     if check_output(args.out, overwrite=args.overwrite, resume=args.resume, allowed=INSTANCE_SUFFIXES):
         print(f"{args.out}: the run is already complete; nothing to resume")
@@ -605,14 +626,22 @@ def _pairs(values: list[str], option: str, number: bool = False) -> dict:
     return pairs
 
 
+GLOMERULI_ONLY = ("arch", "classes", "map", "tile", "overlap", "input", "oversample", "allow_empty", "loss", "half")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .pipelines.train import train_from_files
     from .training import Recipe
 
+    if args.task == "nuclei":
+        return _train_nuclei(args)
+    for name in ("steps", "crop"):
+        if getattr(args, name) is not None:
+            raise UserError(f"--{name} is an option of --task nuclei")
     recipe = Recipe(
-        epochs=args.epochs,
-        batch_size=args.batch,
-        lr=args.lr,
+        epochs=30 if args.epochs is None else args.epochs,
+        batch_size=8 if args.batch is None else args.batch,
+        lr=1e-4 if args.lr is None else args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
         val_fraction=args.val_fraction,
@@ -654,7 +683,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 decoder_channels=args.decoder_channels,
                 classes=args.classes,
                 class_map=_pairs(args.map, "--map"),
-                init=args.init,
+                init=Path(args.init) if args.init else None,
                 mpp=args.mpp,
                 image_mpp=args.image_mpp,
                 tile=args.tile,
@@ -685,6 +714,72 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"nephro: stopped after epoch {len(result.history)}; add --resume to finish", file=sys.stderr)
         return 130
     print(f"{result.path}  (best epoch {result.best_epoch}, validation Dice {result.best_dice:.3f})")
+    return 0
+
+
+def _train_nuclei(args: argparse.Namespace) -> int:
+    """`nephro train --task nuclei`: a HoVer U-Net from instance annotations, or a fine-tune of ours or CellViT."""
+    from .pipelines.train_nuclei import train_nuclei_from_files
+    from .training.nuclei_loop import NucleiRecipe
+
+    defaults = {"map": [], "oversample": [], "allow_empty": False, "loss": "dice", "half": False}
+    wrong = [f"--{k.replace('_', '-')}" for k in GLOMERULI_ONLY if getattr(args, k) not in (None, defaults.get(k))]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: options of glomerulus training, not of --task nuclei")
+    base = NucleiRecipe()
+    recipe = NucleiRecipe(
+        epochs=base.epochs if args.epochs is None else args.epochs,
+        steps_per_epoch=base.steps_per_epoch if args.steps is None else args.steps,
+        batch_size=base.batch_size if args.batch is None else args.batch,
+        crop=base.crop if args.crop is None else args.crop,
+        lr=base.lr if args.lr is None else args.lr,
+        weight_decay=args.weight_decay if args.weight_decay != 1e-5 else base.weight_decay,
+        seed=args.seed,
+        val_fraction=args.val_fraction if args.val_fraction != 0.2 else base.val_fraction,
+        freeze_encoder=args.freeze_encoder,
+        augment=not args.no_augment,
+        stain_jitter=args.stain_jitter,
+        scale_jitter=args.scale_jitter,
+    )
+
+    def on_epoch(epoch) -> None:
+        print(
+            f"epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}  val loss {epoch.val_loss:.4f}  "
+            f"val F1 {epoch.val_f1:.4f}  AJI {epoch.val_aji:.4f}  ({epoch.seconds:.0f} s)",
+            file=sys.stderr,
+        )
+
+    try:
+        with _progress_bar("read images", "image") as read, _progress_bar("train", "batch") as step:
+            result = train_nuclei_from_files(
+                args.annotations,
+                args.images,
+                args.out,
+                init=args.init,
+                mpp=args.mpp,
+                image_mpp=args.image_mpp,
+                encoder=args.encoder,
+                decoder_channels=args.decoder_channels,
+                recipe=recipe,
+                device=args.device,
+                attribution=args.attribution,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                on_read=read,
+                on_step=lambda s: step(s.step, s.steps),
+                on_epoch=on_epoch,
+            )
+    except KeyboardInterrupt:
+        kept = resumable(args.out)
+        print(
+            f"nephro: interrupted; {'add --resume to finish' if kept else 'no epoch finished, nothing kept'}",
+            file=sys.stderr,
+        )
+        return 130
+    if result.path is None:
+        print(f"nephro: stopped after epoch {len(result.history)}; add --resume to finish", file=sys.stderr)
+        return 130
+    print(f"{result.path}  (best epoch {result.best_epoch}, validation instance F1 {result.best_f1:.3f})")
     return 0
 
 

@@ -20,6 +20,7 @@ ARCHITECTURES = ("unet", "unet3plus", "swin_unet")
 DEFAULT_ENCODERS = {"unet": "resnet34", "unet3plus": "resnet34", "swin_unet": "tu-swin_tiny_patch4_window7_224"}
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CONFIG_VERSION = 1
+HEADS = ("semantic", "hover")  # a class map, or HoVer-Net's nuclear probability + horizontal-vertical maps
 # sizes beyond these are mistakes, and would ask for tens of GiB at segment time
 MAX_INPUT = 4096  # network input side
 MAX_DEPTH = 64  # nesting of a config.json's lists and objects (provenance holds a few levels)
@@ -42,6 +43,7 @@ class ModelConfig:
     provenance: dict = field(default_factory=dict)  # how it was made: data, recipe, metrics, licence
     objects: dict | None = None  # rules that make the pixel map whole objects (see ObjectRules); None: none
     flips: bool = False  # average the predictions of the tile and its three flips (4x the time, smoother outlines)
+    heads: str = "semantic"  # "hover": a nuclei network (probability + HV maps) the instance engine runs
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +83,10 @@ class ModelConfig:
             raise ModelError(
                 f"mpp must be between {MPP_RANGE[0]} and {MPP_RANGE[1]} micrometres per pixel, not {self.mpp}"
             )
+        if self.heads not in HEADS:
+            raise ModelError(f"heads must be one of {', '.join(HEADS)}, not {_short(self.heads)}")
+        if self.heads == "hover" and len(self.classes) != 1:
+            raise ModelError(f"a hover network finds one class of object, not {len(self.classes)}")
         if not isinstance(self.flips, bool):
             raise ModelError(f"flips must be true or false, not {_short(self.flips)}")
         for name in ("normalization", "encoder_kwargs", "decoder", "provenance"):
@@ -102,12 +108,14 @@ class ModelConfig:
 
     @property
     def out_channels(self) -> int:
-        """One foreground channel (sigmoid) for one class, else background + classes (softmax)."""
+        """One foreground channel (sigmoid) for one class, else background + classes (softmax); hover: 3."""
+        if self.heads == "hover":
+            return 3  # nuclear probability logit, horizontal and vertical offsets
         return 1 if len(self.classes) == 1 else len(self.classes) + 1
 
     def to_json(self) -> str:
         data = asdict(self)
-        for key, off in (("objects", None), ("flips", False)):
+        for key, off in (("objects", None), ("flips", False), ("heads", "semantic")):
             if data[key] == off:  # left out, so an older napari-nephro still reads the file
                 del data[key]
         return json.dumps(data, indent=2)

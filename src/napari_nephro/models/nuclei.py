@@ -2,7 +2,8 @@
 
 `cellpose` (the classic nuclei net by default; `cellpose:cyto3`, `cellpose:cpsam` or a
 model file), `stardist` (2D_versatile_he from StarDist's cache, or a model folder)
-and `cellvit:CHECKPOINT.pth`. Each family's module is imported only when it is
+`cellvit:CHECKPOINT.pth`, and ours: `nuclei` (the model shipped in the package, offline
+on a CPU) or `nuclei:FOLDER` (one trained with `nephro train --task nuclei`). Each family's module is imported only when it is
 asked for, so neither TensorFlow nor cellpose is loaded by a glomerulus run.
 """
 
@@ -16,6 +17,7 @@ FAMILIES = {
     "cellpose": ".cellpose_adapter",
     "stardist": ".stardist_adapter",
     "cellvit": ".cellvit",
+    "nuclei": ".hover_segmenter",  # ours: the shipped model, or a folder from nephro train --task nuclei
 }
 # the options each family takes, as the CLI names them -> the adapter's keyword
 OPTIONS = {
@@ -26,13 +28,29 @@ OPTIONS = {
     },
     "stardist": {"prob_threshold": "prob_thresh", "nms_threshold": "nms_thresh"},
     "cellvit": {},
+    "nuclei": {"prob_threshold": "threshold"},
 }
 
 
 def family_of(spec: str) -> str | None:
-    """'cellpose' for 'cellpose:cyto3', None for a glomerulus checkpoint or 'default'."""
+    """'cellpose' for 'cellpose:cyto3', 'nuclei' for one of our nuclei checkpoint folders, None for a
+    glomerulus checkpoint or 'default'."""
     name = str(spec).partition(":")[0].strip().lower()
-    return name if name in FAMILIES else None
+    if name in FAMILIES:
+        return name
+    return "nuclei" if _is_hover_folder(spec) else None
+
+
+def _is_hover_folder(spec: str) -> bool:
+    """A checkpoint folder of ours whose network has HoVer heads (written by nephro train --task nuclei)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(spec) / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("heads") == "hover"
 
 
 def load_nuclei_model(spec: str, *, device: str = "auto", **options):
@@ -46,6 +64,7 @@ def load_nuclei_model(spec: str, *, device: str = "auto", **options):
         takes = ", ".join(f"--{k.replace('_', '-')}" for k in OPTIONS[family]) or "no options"
         names = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
         raise ModelError(f"{names}: not an option of {family} ({family} takes {takes})")
-    path = str(spec).partition(":")[2] or None
+    named = str(spec).partition(":")[0].strip().lower() == family
+    path = (str(spec).partition(":")[2] or None) if named else str(spec)
     module = importlib.import_module(FAMILIES[family], __package__)
     return module.load(path, device=device, **{OPTIONS[family][k]: v for k, v in given.items()})

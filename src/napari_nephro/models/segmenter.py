@@ -15,6 +15,7 @@ from torch import nn
 from .checkpoint import CONFIG, WEIGHTS, load_checkpoint, resolve_checkpoint
 from .config import ModelConfig
 from .device import pick_device
+from .errors import ModelError
 
 
 class Segmenter(Protocol):
@@ -62,6 +63,8 @@ class TorchSegmenter:
         folder = resolve_checkpoint(folder)
         target = pick_device(device)
         network, config = load_checkpoint(folder, target)
+        if config.heads == "hover":
+            raise ModelError(f"{folder}: a nuclei model: segment with it as --model nuclei:{folder}")
         return cls(network, config, target, checkpoint_fingerprint(folder))
 
     @torch.inference_mode()

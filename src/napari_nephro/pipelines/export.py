@@ -134,7 +134,12 @@ def _read_items(path: Path) -> list[Item]:
                 Item(im.stem, annotations=im.annotations, shape=(im.height, im.width), file_name=im.file_name)
                 for im in images.values()
             ]
-    return [Item(path.stem, annotations=read_annotations(path))]
+    mpp = None
+    if suffix == ".xml":  # ImageScope records the pixel size it drew at: a plain PNG beside it then has one
+        from ..annotations.imagescope import read_imagescope_mpp
+
+        mpp = read_imagescope_mpp(path)
+    return [Item(path.stem, annotations=read_annotations(path), mpp=mpp)]
 
 
 def _attach_images(items: list[Item], slide: Path) -> None:

@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -382,7 +382,7 @@ def _tile_counts(train_set: TileSet, val_set: TileSet) -> dict:
     return {"train": len(train_set), "validation": len(val_set)}
 
 
-def _load_state(state_dir, network, optimizer, scheduler, generator, recipe, tiles: dict):
+def _load_state(state_dir, network, optimizer, scheduler, generator, recipe, tiles: dict, kind: type = Epoch):
     """The run as it was after its last finished epoch; a damaged or foreign state folder is one line."""
     saved = _read_recipe(state_dir / "recipe.json")
     was = saved.pop("tiles", tiles)  # runs of earlier versions did not record their tiles
@@ -418,7 +418,7 @@ def _load_state(state_dir, network, optimizer, scheduler, generator, recipe, til
         generator.set_state(state["sampler_rng"])
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise _damaged(path, exc) from None
-    history = _read_metrics(state_dir / METRICS)
+    history = _read_metrics(state_dir / METRICS, kind)
     if len(history) != state["epoch"] or [e.epoch for e in history] != list(range(1, state["epoch"] + 1)):
         raise _damaged(state_dir / METRICS, f"{len(history)} epochs listed, {state['epoch']} finished")
     best = (int(state["best"][0]), float(state["best"][1]))
@@ -558,9 +558,11 @@ def _same_kind(found: object, expected: object) -> bool:
     return {type(found), type(expected)} <= {type(None), bool}  # e.g. foreach: None or a choice
 
 
-def _write_metrics(path: Path, history: list[Epoch]) -> None:
+def _write_metrics(path: Path, history: list) -> None:
+    """One row per epoch; the columns are the epoch record's fields (`Epoch`, or the nuclei loop's)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=FIELDS)
+    names = [f.name for f in fields(type(history[0]))] if history else list(FIELDS)
+    writer = csv.DictWriter(text, fieldnames=names)
     writer.writeheader()
     for e in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(e).items()})
@@ -568,10 +570,11 @@ def _write_metrics(path: Path, history: list[Epoch]) -> None:
         tmp.write_text(text.getvalue())
 
 
-def _read_metrics(path: Path) -> list[Epoch]:
+def _read_metrics(path: Path, kind: type = Epoch) -> list:
+    names = [f.name for f in fields(kind)]
     try:
         with open(path, newline="") as f:
-            return [Epoch(int(r["epoch"]), *(float(r[k]) for k in FIELDS[1:])) for r in csv.DictReader(f)]
+            return [kind(int(r["epoch"]), *(float(r[k]) for k in names[1:])) for r in csv.DictReader(f)]
     except FileNotFoundError:
         raise _damaged(path, "missing") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error, OSError) as exc:

@@ -1,0 +1,102 @@
+"""Train the shipped nuclei model on MICCAI 2015 + MoNuSeg (37 images, 13,000 nuclei), on a CPU.
+
+    python benchmarks/train_nuclei_model.py --out nuclei-model [--epochs 36] [--steps 50] [--resume]
+    # then: copy nuclei-model/* to src/napari_nephro/models/nuclei/
+
+A U-Net with a MobileNetV2 encoder (random init: no ImageNet weights offline) and
+HoVer-Net's heads, at 0.5 um/px (20x): nuclei of 5-10 um are 10-20 px, and the
+network sees 10 mm2 of tissue a minute on two CPU cores. NuInsSeg kidney is never
+used here (benchmarks/eval_nuclei.py judges on it). Training is resumable
+(`--resume`) and deterministic on a CPU for a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from _nuclei_data import TERMS, training_images
+from napari_nephro.models import ModelConfig
+from napari_nephro.training.nuclei_loop import NucleiRecipe, train_nuclei
+
+MPP = 0.5
+ENCODER = "mobilenet_v2"
+DECODER = [128, 64, 32, 32, 16]
+TILE, OVERLAP = 512, 48  # px at 0.5 um/px: 256 um tiles, 24 um halo (the largest kidney nuclei are ~15 um)
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(
+        arch="unet",
+        encoder=ENCODER,
+        classes=["nucleus"],
+        mpp=MPP,
+        tile_size=TILE,
+        overlap=OVERLAP,
+        input_size=TILE,
+        decoder={"decoder_channels": DECODER},
+        heads="hover",
+        provenance={
+            "name": "napari-nephro nuclei model",
+            "data": TERMS,
+            "licence": "weights trained on CC BY-NC-SA 4.0 data (MoNuSeg): non-commercial use",
+            "evaluation": "NuInsSeg kidney (never trained on): see docs/models.md",
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=NucleiRecipe.epochs)
+    parser.add_argument("--steps", type=int, default=NucleiRecipe.steps_per_epoch)
+    parser.add_argument("--batch", type=int, default=NucleiRecipe.batch_size)
+    parser.add_argument("--crop", type=int, default=NucleiRecipe.crop)
+    parser.add_argument("--lr", type=float, default=NucleiRecipe.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    images = training_images(MPP)
+    print(
+        f"{len(images)} images, {sum(i.count for i in images)} nuclei at {MPP} um/px "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    recipe = NucleiRecipe(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch,
+        crop=args.crop,
+        lr=args.lr,
+        seed=args.seed,
+    )
+
+    def on_epoch(e) -> None:
+        print(
+            f"epoch {e.epoch:3d} train {e.train_loss:.4f} val {e.val_loss:.4f} F1 {e.val_f1:.4f} "
+            f"AJI {e.val_aji:.4f} lr {e.lr:.2e} ({e.seconds:.0f} s)",
+            flush=True,
+        )
+
+    result = train_nuclei(
+        images,
+        model_config(),
+        args.out,
+        recipe=recipe,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        on_epoch=on_epoch,
+    )
+    if result.path is None:
+        sys.exit("stopped early: --resume to finish")
+    print(f"{result.path}: best epoch {result.best_epoch}, validation F1 {result.best_f1:.3f}")
+
+
+if __name__ == "__main__":
+    main()
