@@ -61,6 +61,16 @@ def test_the_demo_finds_the_sample_slides_glomeruli(tmp_path, capsys):
     with Image.open(out / f"{SAMPLE_NAME}.overview.png") as image:
         assert image.mode == "RGB" and max(image.size) <= 1600
     assert match.tp >= match.n_true - 1 and match.fp <= 1, f"{match.tp} of 6 found, {match.fp} false positives"
+    # then the shipped nuclei model: nuclei all over the tissue, on the haematoxylin-dark pixels
+    from napari_nephro.tiling import read_scaled
+
+    nuclei = np.asarray(read_label_zarr(out / f"{SAMPLE_NAME}.nuclei.zarr").levels[0])
+    assert nuclei.shape == shape and "non-commercial" in printed
+    count = len(np.unique(nuclei)) - 1
+    assert f"{count:,} nuclei" in printed
+    assert 1_000 < count / (shape[0] * shape[1] * 0.5**2 / 1e6) < 20_000  # per mm² of a 1 mm² kidney sample
+    grey = read_scaled(open_slide(sample_slide_path()), (0, 0, shape[1], shape[0]), shape).mean(-1)
+    assert grey[nuclei > 0].mean() < grey[nuclei == 0].mean() - 30
 
 
 def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):

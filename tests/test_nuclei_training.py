@@ -203,3 +203,28 @@ def test_cellvit_is_fine_tuned_by_the_same_loop_and_stays_a_cellvit_checkpoint(i
         k.startswith("nuclei_type_maps_decoder") for k in changed if "running" not in k and "num_batches" not in k
     )
     assert os.path.getsize(out) > 0
+
+
+def test_each_tile_is_contrast_stretched_but_glass_is_not_made_into_noise():
+    from napari_nephro.models.errors import ModelError
+    from napari_nephro.models.hover_segmenter import MAX_GAIN, stretch_contrast
+
+    torch.manual_seed(0)
+    pale = 0.55 + 0.3 * torch.rand(2, 3, 32, 32)  # a hazy scan: everything between 0.55 and 0.85
+    out = stretch_contrast(pale, (1, 99))
+    for tile in out:
+        for channel in tile:
+            assert float(channel.quantile(0.01)) == pytest.approx(0, abs=0.02)
+            assert float(channel.quantile(0.99)) == pytest.approx(1, abs=0.02)
+    glass = 0.95 + 0.01 * torch.rand(1, 3, 32, 32)
+    spread = stretch_contrast(glass, (1, 99))
+    assert float(spread.max() - spread.min()) <= 0.01 * MAX_GAIN + 1e-6  # at most MAX_GAIN times the noise
+    with pytest.raises(ModelError, match="stretch"):
+        ModelConfig(
+            arch="unet",
+            classes=["nucleus"],
+            heads="hover",
+            normalization={"mean": [0.5] * 3, "std": [0.5] * 3, "stretch": [99, 1]},
+        )
+    with pytest.raises(ModelError, match="one class"):
+        ModelConfig(arch="unet", classes=["a", "b"], heads="hover")

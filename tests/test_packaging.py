@@ -50,6 +50,9 @@ def test_wheel_carries_the_manifest_as_a_file(tmp_path):
         assert zf.read("napari_nephro/napari.yaml").decode() == (ROOT / "napari.yaml").read_text()
         shipped = sorted(p.name for p in (ROOT / "src" / "napari_nephro" / "sample_data").iterdir())
         assert len(shipped) == 9 and all(f"napari_nephro/sample_data/{name}" in names for name in shipped)
+        for model in ("default", "default_nuclei"):  # the shipped glomerulus and nuclei models
+            for name in ("config.json", "model.safetensors", "metrics.csv"):
+                assert f"napari_nephro/models/{model}/{name}" in names
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "napari-nephro = napari_nephro:napari.yaml" in entry_points
     assert "nephro = napari_nephro.cli:main" in entry_points

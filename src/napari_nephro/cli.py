@@ -340,6 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--headless", action="store_true", help="no window: write labels, GeoJSON and a PNG overview")
     demo.add_argument("--out", type=Path, default=Path("nephro-demo"), help="folder for the files (nephro-demo)")
     demo.add_argument("--model", default="default", help="checkpoint folder, or 'default' (the shipped model)")
+    demo.add_argument("--nuclei-model", default="nuclei", help="nuclei model (default: nuclei, the shipped one)")
+    demo.add_argument("--no-nuclei", action="store_true", help="glomeruli only")
     demo.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     demo.add_argument("--mpp", type=POSITIVE, help="level-0 micrometres per pixel, for slides that do not say")
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
@@ -951,7 +953,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     slide = open_slide(path, mpp=args.mpp)  # fail here, with one line, before any work
     truth_path = None if given else sample_annotations_path()  # the sample's glomeruli are annotated
     truth = None if truth_path is None else read_annotations(truth_path)
-    with _progress_bar("segment", "tile") as bar:
+    with _progress_bar("segment", "tile") as bar, _progress_bar("nuclei", "tile") as nuclei_bar:
         job = run_demo_job(
             slide,
             args.out,
@@ -960,21 +962,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress=lambda p: bar(p.done, p.total),
             overwrite=args.overwrite,
             truth=truth,
+            nuclei_model=None if args.no_nuclei else args.nuclei_model,
+            nuclei_progress=lambda p: nuclei_bar(p.done, p.total),
         )
     print(f"{job.summary}, in {slide.source.name} in {job.seconds:.0f} s")
+    if job.nuclei_summary is not None:
+        print(f"{job.nuclei_summary}, in {job.nuclei_seconds:.0f} s")
     if job.warning:
         print(f"nephro: warning: {job.warning}", file=sys.stderr)
     if job.match is not None:
         print(job.describe_match())
     for what, file in (("labels", job.labels), ("polygons", job.geojson), ("overview", job.overview)):
         print(f"{what:<9} {file}")
+    if job.nuclei is not None:
+        print(f"{'nuclei':<9} {job.nuclei}" + (f"  (nuclei model {job.nuclei_terms})" if job.nuclei_terms else ""))
     if truth_path is not None:
         print(f"{'annotated':<9} {truth_path}")
     if args.headless:
         return 0
     from .plugin.demo import run_demo
 
-    return run_demo(slide, job.labels, screenshot=args.screenshot, annotations=truth_path)
+    return run_demo(slide, job.labels, screenshot=args.screenshot, annotations=truth_path, nuclei=job.nuclei)
 
 
 def _has_display() -> bool:

@@ -192,3 +192,16 @@ def _check_normalization(norm: dict) -> None:
             raise ModelError(f"normalization {key} must be three numbers (R, G, B), not {_short(values)}")
     if not all(v > 0 for v in norm["std"]):
         raise ModelError(f"normalization std must be positive, not {norm['std']}")
+    stretch = norm.get("stretch")  # per-tile contrast stretch between two percentiles (nuclei models)
+    if stretch is not None and not (
+        isinstance(stretch, list)
+        and len(stretch) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stretch)
+        and 0 <= stretch[0] < stretch[1] <= 100
+    ):
+        raise ModelError(
+            f"normalization stretch must be two percentiles, low < high in [0, 100], not {_short(stretch)}"
+        )
+    unknown = sorted(set(norm) - {"mean", "std", "stretch"})
+    if unknown:
+        raise ModelError(f"unknown normalization keys {', '.join(map(str, unknown))}")

@@ -31,6 +31,33 @@ OPTIONS = ("tile_size", "overlap", "batch_size", "threshold")
 CPU_SECONDS_PER_MEGAPIXEL = 1.5
 
 
+MAX_GAIN = 4.0  # a flat tile (glass, pale stroma) is stretched at most this much: noise must not become nuclei
+
+
+def stretch_contrast(x: torch.Tensor, percentiles: list[float] | tuple[float, float]) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1], each channel of each tile mapped so its percentiles span 0 to 1.
+
+    Why: nuclei slides differ most in contrast, not in colour. Pale or hazy scans (as
+    in NuInsSeg) put every nucleus outside what crisp training images taught; after
+    a per-tile stretch both look alike. The gain is bounded by MAX_GAIN. The same is
+    done to every training crop (`training.nuclei_loop`), so the network only ever
+    sees stretched tiles.
+    """
+    low, high = (float(p) / 100 for p in percentiles)
+    flat = x.flatten(2)  # (N, 3, H * W)
+    q = torch.stack([torch.quantile(t, torch.tensor([low, high], dtype=t.dtype, device=t.device), dim=1) for t in flat])
+    lo, hi = q[:, 0], q[:, 1]  # (N, 3)
+    span = (hi - lo).clamp_min(1 / MAX_GAIN)
+    return ((x - lo[..., None, None]) / span[..., None, None]).clamp_(0, 1)
+
+
+def normalise(x: torch.Tensor, normalization: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Float RGB in [0, 1] -> the network's input: the optional stretch, then mean and std."""
+    if normalization.get("stretch"):
+        x = stretch_contrast(x, normalization["stretch"])
+    return (x - mean) / std
+
+
 def post_processing(mpp: float) -> HoverParams:
     """HoVer-Net's thresholds for the working scale: the 40x ones up to 0.375 um/px, the 20x ones beyond."""
     return HoverParams.at_magnification(10 / mpp)
@@ -109,7 +136,9 @@ class HoverSegmenter:
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(tiles[start : start + self.batch_size])).to(self.device)
-                x = (x.permute(0, 3, 1, 2).float().div_(255.0) - self._mean) / self._std
+                x = normalise(
+                    x.permute(0, 3, 1, 2).float().div_(255.0), self.config.normalization, self._mean, self._std
+                )
                 if ph or pw:
                     x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):

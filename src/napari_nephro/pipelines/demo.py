@@ -1,4 +1,7 @@
-"""The main job end to end, offline: the default model over a slide, the result as files (no napari here).
+"""The main job end to end, offline: the default models over a slide, the results as files (no napari here).
+
+Glomeruli with the shipped glomerulus model, then nuclei with the shipped nuclei
+model (`nuclei`, offline on a CPU), each written beside the other.
 
 Used by `nephro demo --headless`, and by `nephro demo`, which then shows the same
 files in napari. Given the slide's annotated glomeruli (the sample slide has them),
@@ -39,6 +42,10 @@ class DemoResult:
     warning: str | None  # when what was found cannot be glomeruli
     seconds: float
     match: MatchResult | None = None  # the GeoJSON's objects against the annotated ones, when given
+    nuclei: Path | None = None  # OME-Zarr nucleus ids (table inside), when a nuclei model ran
+    nuclei_summary: str | None = None  # "12,345 nuclei, 3,100 per mm² of tissue (...)"
+    nuclei_seconds: float = 0.0
+    nuclei_terms: str = ""  # the nuclei model's training data's terms, for the user to read
 
     def describe_match(self) -> str | None:
         """The match in words, or None without annotations."""
@@ -69,6 +76,8 @@ def run_demo_job(
     progress: Callable | None = None,
     overwrite: bool = False,
     truth: AnnotationSet | None = None,
+    nuclei_model: str | None = "nuclei",
+    nuclei_progress: Callable | None = None,
 ) -> DemoResult:
     """Segment the whole slide with `model` into `out_dir`: labels (.zarr), objects (.geojson), overview (.png).
 
@@ -76,7 +85,8 @@ def run_demo_job(
     only with `overwrite`; nothing else in the folder is ever touched, and a refused
     run (a wrong model, results already there, annotations off the slide) leaves no
     folder behind. With `truth` (level-0 polygons) the objects are matched to it and
-    the overview colours them found, false and missed.
+    the overview colours them found, false and missed. `nuclei_model` (None: none)
+    then finds the slide's nuclei into a fourth file, `<stem>.nuclei.zarr`.
     """
     from ..annotations import write_geojson
     from ..annotations.model import require_inside
@@ -88,10 +98,16 @@ def run_demo_job(
     out_dir = Path(out_dir)
     stem = slide_stem(slide)
     outputs = demo_outputs(out_dir, stem)
-    check_demo_output(out_dir, outputs, overwrite=overwrite)
+    nuclei_path = out_dir / f"{stem}.nuclei.zarr"
+    check_demo_output(out_dir, (*outputs, nuclei_path) if nuclei_model else outputs, overwrite=overwrite)
     if truth is not None:
         require_inside(truth, slide.level_shapes[0], "the annotations")  # before minutes of work
     segmenter = TorchSegmenter.from_checkpoint(model, device=device)
+    nuclei_segmenter = None
+    if nuclei_model is not None:
+        from ..models.nuclei import load_nuclei_model
+
+        nuclei_segmenter = load_nuclei_model(nuclei_model, device=device)
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     labels_path, geojson_path, overview_path = outputs
@@ -108,7 +124,7 @@ def run_demo_job(
     match = None if truth is None else match_objects(objects, truth, slide.level_shapes[0])
     overview = write_overview(slide, objects, overview_path, truth=truth, match=match)
     summary = result.summary
-    return DemoResult(
+    job = DemoResult(
         slide,
         labels_path,
         geojson,
@@ -119,6 +135,21 @@ def run_demo_job(
         result.stats.seconds,
         match,
     )
+    if nuclei_segmenter is not None:
+        from ..inference.instance_api import segment_instances_slide
+
+        found = segment_instances_slide(
+            slide,
+            nuclei_segmenter,
+            nuclei_path,
+            overwrite=True,
+            batch_size=getattr(nuclei_segmenter, "tiles_per_call", 1),
+            progress=nuclei_progress,
+        )
+        job.nuclei, job.nuclei_seconds = found.path, found.stats.seconds
+        job.nuclei_terms = str(getattr(nuclei_segmenter, "licence", "") or "")
+        job.nuclei_summary = found.summary.line() if found.summary is not None else None
+    return job
 
 
 def match_objects(

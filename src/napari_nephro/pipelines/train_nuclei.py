@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..models import ModelConfig, ModelError
+from ..models.config import IMAGENET
 from ..training.errors import TrainingError
 from ..training.loop import Step, check_output
 from ..training.nuclei_data import nucleus_images
@@ -25,10 +26,14 @@ DEFAULT_MPP = 0.5  # 20x: the shipped model's scale
 DEFAULT_ENCODER = "mobilenet_v2"
 DEFAULT_DECODER = [128, 64, 32, 32, 16]
 DEFAULT_TILE, DEFAULT_OVERLAP = 512, 48
+STRETCH = (1, 99)  # per-tile contrast stretch between these percentiles (models.hover_segmenter.stretch_contrast)
 
 
-def nuclei_config(*, mpp: float | None, encoder: str | None, decoder_channels: list[int] | None) -> ModelConfig:
-    """A fresh HoVer U-Net's config (tile 512 px, 48 px halo at its scale)."""
+def nuclei_config(
+    *, mpp: float | None = None, encoder: str | None = None, decoder_channels: list[int] | None = None
+) -> ModelConfig:
+    """A fresh HoVer U-Net's config: MobileNetV2 U-Net at 0.5 um/px, 512 px tiles with a 48 px (24 um) halo,
+    each tile contrast-stretched."""
     return ModelConfig(
         arch="unet",
         encoder=encoder or DEFAULT_ENCODER,
@@ -39,6 +44,7 @@ def nuclei_config(*, mpp: float | None, encoder: str | None, decoder_channels: l
         input_size=DEFAULT_TILE,
         decoder={"decoder_channels": list(decoder_channels or DEFAULT_DECODER)},
         heads="hover",
+        normalization={**IMAGENET, "stretch": list(STRETCH)},
     )
 
 

@@ -1,4 +1,4 @@
-"""`nephro demo`: napari with a slide, its glomerulus segmentation and the plugin's dock widgets."""
+"""`nephro demo`: napari with a slide, its glomeruli and nuclei, and the plugin's dock widgets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from .layers import slide_layer_data
 
 
 def run_demo(
-    slide: Slide, labels: Path | None = None, screenshot: Path | None = None, annotations: Path | None = None
+    slide: Slide,
+    labels: Path | None = None,
+    screenshot: Path | None = None,
+    annotations: Path | None = None,
+    nuclei: Path | None = None,
 ) -> int:
-    """Show `slide`, the segmentation `labels` and, when given, the annotated objects as outlines beside it."""
+    """Show `slide`, the segmentation `labels`, its `nuclei` and, when given, the annotated objects as outlines."""
     import napari
 
     from ..annotations import read_annotations
@@ -25,11 +29,15 @@ def run_demo(
     if labels is not None:
         data, kwargs, _ = labels_layer_data(read_label_zarr(labels), labels.name, scale)
         viewer.add_labels(data, **kwargs)
+    if nuclei is not None:
+        data, kwargs, _ = labels_layer_data(read_label_zarr(nuclei), nuclei.name, scale)
+        viewer.add_labels(data, **kwargs)
     if annotations is not None:
         data, kwargs, _ = shapes_layer_data(read_annotations(annotations), f"annotated: {annotations.name}", scale)
         viewer.add_shapes(data, **kwargs)
     viewer.window.add_plugin_dock_widget("napari-nephro", "Slide info")
     viewer.window.add_plugin_dock_widget("napari-nephro", "Segment")
+    viewer.window.add_plugin_dock_widget("napari-nephro", "Nuclei")
     viewer.scale_bar.visible = True  # in micrometres when the layer has them
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)

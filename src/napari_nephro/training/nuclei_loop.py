@@ -36,9 +36,9 @@ from ..models import ModelConfig
 from ..models.checkpoint import count_nonfinite, save_checkpoint
 from ..models.device import pick_device
 from ..models.errors import ModelError
-from ..models.hover_segmenter import post_processing
+from ..models.hover_segmenter import normalise, post_processing
 from ..models.hovernet import HoverParams, hv_targets
-from .augment import STAIN_JITTER, Augment
+from .augment import Augment
 from .errors import TrainingError
 from .loop import (
     METRICS,
@@ -56,6 +56,7 @@ from .loop import (
 )
 from .nuclei_data import NucleusImage, split_images
 
+BLUR = 0.5  # chance of a blurred crop: scans of nuclei are often a little out of focus
 SOBEL5 = (  # HoVer-Net's 5x5 Sobel for the MSGE term: d/dx; d/dy is its transpose
     (-0.25, -0.2, 0.0, 0.2, 0.25),
     (-0.4, -0.5, 0.0, 0.5, 0.4),
@@ -80,7 +81,7 @@ class NucleiRecipe:
     val_fraction: float = 0.15
     freeze_encoder: bool = False
     augment: bool = True
-    stain_jitter: float = STAIN_JITTER
+    stain_jitter: float = 0.4  # wider than the glomerulus recipe's: H&E intensity varies most between labs
     scale_jitter: float = 0.3
     hv_weight: float = 2.0  # of the HV mean squared error, beside BCE + Dice (HoVer-Net: 1; CellViT: 2.5)
     msge_weight: float = 1.0
@@ -263,7 +264,7 @@ def train_nuclei(
     std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
     params_post = post_processing(model_config.mpp)
     with _kept_only_when_resumable(state_dir):
-        augment = Augment(recipe.stain_jitter, _zoom(recipe.scale_jitter)) if recipe.augment else None
+        augment = Augment(recipe.stain_jitter, _zoom(recipe.scale_jitter), blur=BLUR) if recipe.augment else None
         stopped = False
         for epoch in range(first_epoch, recipe.epochs + 1):
             started = time.perf_counter()
@@ -277,7 +278,7 @@ def train_nuclei(
                     break
                 x, labels = draw_batch(train_set, weights, recipe, generator, augment)
                 fg, hv_true = targets(labels)
-                logit, hv = hover_outputs(network(((x.to(target)) - mean) / std))
+                logit, hv = hover_outputs(network(normalise(x.to(target), model_config.normalization, mean, std)))
                 loss = loss_fn(logit, hv, torch.from_numpy(fg).to(target), torch.from_numpy(hv_true).to(target))
                 value = loss.item()
                 if not math.isfinite(value):
@@ -291,7 +292,9 @@ def train_nuclei(
                     on_step(Step(epoch, step + 1, recipe.steps_per_epoch, value))
             if stopped:
                 break
-            val_loss, f1, aji = validate(network, val_set, loss_fn, target, mean, std, params_post)
+            val_loss, f1, aji = validate(
+                network, val_set, loss_fn, target, mean, std, params_post, model_config.normalization
+            )
             if not math.isfinite(val_loss):
                 raise _diverged(state_dir, recipe, f"epoch {epoch}", f"the validation loss is {val_loss}")
             bad = count_nonfinite(network.state_dict()) or _nonfinite_moments(optimizer)
@@ -349,17 +352,20 @@ def _save_ours(network, out, model_config, recipe, history, best, images, val_se
 
 
 @torch.inference_mode()
-def predict_maps(network, image: np.ndarray, mean, std, device) -> tuple[np.ndarray, np.ndarray]:
+def predict_maps(network, image: np.ndarray, mean, std, device, normalization=None) -> tuple[np.ndarray, np.ndarray]:
     """Nuclear probability (H, W) and HV (2, H, W) of one whole image (padded to a multiple of 32)."""
     h, w = image.shape[:2]
     ph, pw = -h % 32, -w % 32
-    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    x = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+    x = normalise(x, normalization or {}, mean, std)
     x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-    logit, hv = hover_outputs(network((x.to(device) - mean) / std))
+    logit, hv = hover_outputs(network(x))
     return torch.sigmoid(logit)[0, :h, :w].cpu().numpy(), hv[0, :, :h, :w].float().cpu().numpy()
 
 
-def validate(network, images, loss_fn, device, mean, std, params: HoverParams) -> tuple[float, float, float]:
+def validate(
+    network, images, loss_fn, device, mean, std, params: HoverParams, normalization: dict | None = None
+) -> tuple[float, float, float]:
     """Mean loss, instance F1 (IoU 0.5) and aggregated Jaccard over whole validation images."""
     from ..evaluation.instances import aggregated_jaccard, match_instances
     from ..models.hovernet import hover_instances
@@ -367,7 +373,7 @@ def validate(network, images, loss_fn, device, mean, std, params: HoverParams) -
     network.eval()
     losses, tp, fp, fn, inter, union = [], 0, 0, 0, 0.0, 0.0
     for item in images:
-        prob, hv = predict_maps(network, item.image, mean, std, device)
+        prob, hv = predict_maps(network, item.image, mean, std, device, normalization)
         fg, hv_true = targets(item.labels[None])
         logit = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[None]
         with torch.inference_mode():
