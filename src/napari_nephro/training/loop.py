@@ -288,16 +288,27 @@ def train(
                 scheduler.get_last_lr()[0],
                 time.perf_counter() - started,
             )
-            history.append(report)
-            if val_dice > best[1]:
-                best = (epoch, val_dice)
-                _save_weights(network, state_dir / "best.safetensors")
-            _save_state(state_dir, network, optimizer, scheduler, sampler_generator, epoch, history, best)
-            if on_epoch is not None:
-                on_epoch(report)
+            best = record_epoch(
+                state_dir, network, optimizer, scheduler, sampler_generator, history, best, report, val_dice, on_epoch
+            )
         if stopped or len(history) < recipe.epochs:
             return TrainResult(None, best[0], best[1], history)
         return _finish(out, state_dir, model_config, recipe, history, best, tiles, provenance or {}, overwrite, half)
+
+
+def record_epoch(state_dir, network, optimizer, scheduler, generator, history, best, report, score, on_epoch):
+    """Keep a finished epoch: its row, its weights as the best when `score` beats the best, the resumable state.
+
+    Returns the new (best epoch, best score). Shared by the glomerulus and the nuclei loops.
+    """
+    history.append(report)
+    if score > best[1]:
+        best = (report.epoch, score)
+        _save_weights(network, state_dir / "best.safetensors")
+    _save_state(state_dir, network, optimizer, scheduler, generator, report.epoch, history, best)
+    if on_epoch is not None:
+        on_epoch(report)
+    return best
 
 
 def _zoom(jitter: float) -> tuple[float, float]:

@@ -48,11 +48,10 @@ from .loop import (
     _load_state,
     _nonfinite_moments,
     _read_weights,
-    _save_state,
-    _save_weights,
     _schedule,
     _zoom,
     check_output,
+    record_epoch,
 )
 from .nuclei_data import NucleusImage, split_images
 
@@ -309,13 +308,9 @@ def train_nuclei(
                 scheduler.get_last_lr()[0],
                 time.perf_counter() - started,
             )
-            history.append(report)
-            if f1 > best[1]:
-                best = (epoch, f1)
-                _save_weights(network, state_dir / "best.safetensors")
-            _save_state(state_dir, network, optimizer, scheduler, generator, epoch, history, best)
-            if on_epoch is not None:
-                on_epoch(report)
+            best = record_epoch(
+                state_dir, network, optimizer, scheduler, generator, history, best, report, f1, on_epoch
+            )
         if stopped or len(history) < recipe.epochs:
             return NucleiTrainResult(None, best[0], best[1], history)
         network.load_state_dict(_read_weights(state_dir / "best.safetensors"))
