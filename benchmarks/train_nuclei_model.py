@@ -5,7 +5,7 @@
 
 A U-Net with a MobileNetV2 encoder (random init: no ImageNet weights offline) and
 HoVer-Net's heads, at 0.5 um/px (20x): nuclei of 5-10 um are 10-20 px, and the
-network sees about 10 mm2 of tissue a minute on two CPU cores. Each tile is
+whole runs cover about 2.3 mm2 of tissue a minute on two CPU cores. Each tile is
 contrast-stretched (1st to 99th percentile per channel) before the network, in
 training and in use: hazy or pale scans then look like crisp ones. NuInsSeg kidney is never
 used here (benchmarks/eval_nuclei.py judges on it). Training is resumable

@@ -105,7 +105,7 @@ class NucleiWidget(SegmentWidget):
         for spin, shown in rows.items():
             self.form.setRowVisible(spin, shown)
         notes = {
-            "nuclei": "napari-nephro's own nuclei model: offline, on a CPU, at 0.5 µm/px (about 10 mm² of tissue "
+            "nuclei": "napari-nephro's own nuclei model: offline, on a CPU, at 0.5 µm/px (about 2 mm² of tissue "
             "a minute). Trained on MoNuSeg (CC BY-NC-SA 4.0): non-commercial use.",
             "cellpose": "Classic nuclei / cyto3 nets run on a CPU; Cellpose-SAM (cpsam) needs a GPU "
             "(about 200 s per 512 px image on a CPU).",
