@@ -272,8 +272,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=POSITIVE, help="peak learning rate (default 1e-4; nuclei 2e-3)")
     tr.add_argument("--steps", type=int, help="nuclei: steps per epoch (random crops; default 50)")
     tr.add_argument("--crop", type=int, help="nuclei: crop side in px at --mpp (default 192)")
-    tr.add_argument("--weight-decay", type=_number(0), default=1e-5, help="AdamW weight decay (default 1e-5)")
-    tr.add_argument("--val-fraction", type=OPEN_FRACTION, default=0.2, help="share of images kept for validation (0.2)")
+    tr.add_argument("--weight-decay", type=_number(0), help="AdamW weight decay (default 1e-5; nuclei 1e-4)")
+    tr.add_argument("--val-fraction", type=OPEN_FRACTION, help="share of images kept for validation (0.2; nuclei 0.15)")
     tr.add_argument("--oversample", nargs="+", default=[], metavar="CLASS=FACTOR", help="draw tiles of a class more")
     tr.add_argument("--allow-empty", action="store_true", help="keep images without objects (as negatives)")
     tr.add_argument("--no-augment", action="store_true", help="train without augmentations")
@@ -644,9 +644,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=30 if args.epochs is None else args.epochs,
         batch_size=8 if args.batch is None else args.batch,
         lr=1e-4 if args.lr is None else args.lr,
-        weight_decay=args.weight_decay,
+        weight_decay=1e-5 if args.weight_decay is None else args.weight_decay,
         seed=args.seed,
-        val_fraction=args.val_fraction,
+        val_fraction=0.2 if args.val_fraction is None else args.val_fraction,
         freeze_encoder=args.freeze_encoder,
         augment=not args.no_augment,
         loss=args.loss,
@@ -735,9 +735,9 @@ def _train_nuclei(args: argparse.Namespace) -> int:
         batch_size=base.batch_size if args.batch is None else args.batch,
         crop=base.crop if args.crop is None else args.crop,
         lr=base.lr if args.lr is None else args.lr,
-        weight_decay=args.weight_decay if args.weight_decay != 1e-5 else base.weight_decay,
+        weight_decay=base.weight_decay if args.weight_decay is None else args.weight_decay,
         seed=args.seed,
-        val_fraction=args.val_fraction if args.val_fraction != 0.2 else base.val_fraction,
+        val_fraction=base.val_fraction if args.val_fraction is None else args.val_fraction,
         freeze_encoder=args.freeze_encoder,
         augment=not args.no_augment,
         stain_jitter=args.stain_jitter,
