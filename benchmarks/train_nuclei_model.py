@@ -1,13 +1,16 @@
 """Train the shipped nuclei model on MICCAI 2015 + MoNuSeg (37 images, 13,000 nuclei), on a CPU.
 
     python benchmarks/train_nuclei_model.py --out nuclei-model [--epochs 36] [--steps 50] [--resume]
-    # then: copy nuclei-model/* to src/napari_nephro/models/nuclei/
+    # then: copy nuclei-model/* to src/napari_nephro/models/default_nuclei/
+    python benchmarks/train_nuclei_model.py --tune-only FOLDER   # a model trained before tuning existed
 
 A U-Net with a MobileNetV2 encoder (random init: no ImageNet weights offline) and
 HoVer-Net's heads, at 0.5 um/px (20x): nuclei of 5-10 um are 10-20 px, and the
 whole runs cover about 2.3 mm2 of tissue a minute on two CPU cores. Each tile is
 contrast-stretched (1st to 99th percentile per channel) before the network, in
-training and in use: hazy or pale scans then look like crisp ones. NuInsSeg kidney is never
+training and in use: hazy or pale scans then look like crisp ones. At the end the
+HoVer marker threshold is tuned on the validation images (`tune_post_processing`)
+and written to config.json. NuInsSeg kidney is never
 used here (benchmarks/eval_nuclei.py judges on it). Training is resumable
 (`--resume`) and deterministic on a CPU for a fixed thread count.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from _nuclei_data import TERMS, training_images
 from napari_nephro.pipelines.train_nuclei import nuclei_config
-from napari_nephro.training.nuclei_loop import NucleiRecipe, train_nuclei
+from napari_nephro.training.nuclei_loop import NucleiRecipe, train_nuclei, tune_post_processing
 
 
 def model_config():
@@ -36,9 +39,40 @@ def model_config():
     return config
 
 
+def tune_only(folder: Path) -> None:
+    """Tune the marker threshold of a trained folder on the validation images its config.json names."""
+    import torch
+
+    from napari_nephro.common.atomic import atomic_output
+    from napari_nephro.models.checkpoint import CONFIG, load_checkpoint
+    from napari_nephro.models.hover_segmenter import post_processing
+
+    network, config = load_checkpoint(folder, "cpu")
+    names = set(config.provenance["images"]["validation"])
+    val = [item for item in training_images(config.mpp) if item.name in names]
+    if len(val) != len(names):
+        sys.exit(f"{folder}: {len(names) - len(val)} of its validation images are not in ../shared/data/nuclei")
+    norm = config.normalization
+    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    start = post_processing(config.mpp, config.post_processing)
+    tuned = tune_post_processing(network, val, torch.device("cpu"), mean, std, start, norm)
+    config.post_processing = {**(config.post_processing or {}), "marker_threshold": tuned.marker_threshold}
+    config.provenance["post_processing"] = {
+        "tuned_on": "the validation images",
+        "marker_threshold_grid": list(tuned.grid),
+        "val_f1_before": round(tuned.f1_before, 4),
+        "val_f1": round(tuned.f1, 4),
+    }
+    with atomic_output(folder / CONFIG) as tmp:
+        Path(tmp).write_text(config.to_json() + "\n")
+    print(f"{folder}: marker threshold {tuned.marker_threshold}, validation F1 {tuned.f1_before:.3f} -> {tuned.f1:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--tune-only", type=Path, metavar="FOLDER", help="only tune a trained folder's post-processing")
     parser.add_argument("--epochs", type=int, default=NucleiRecipe.epochs)
     parser.add_argument("--steps", type=int, default=NucleiRecipe.steps_per_epoch)
     parser.add_argument("--batch", type=int, default=NucleiRecipe.batch_size)
@@ -49,6 +83,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
+    if args.tune_only:
+        return tune_only(args.tune_only)
+    if args.out is None:
+        parser.error("--out is required")
     started = time.perf_counter()
     config = model_config()
     images = training_images(config.mpp)

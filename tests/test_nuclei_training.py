@@ -15,9 +15,10 @@ from napari_nephro.evaluation.instances import aggregated_jaccard
 from napari_nephro.models import ModelConfig
 from napari_nephro.models.checkpoint import load_checkpoint
 from napari_nephro.models.hovernet import hv_targets
+from napari_nephro.models.nuclei import load_nuclei_model
 from napari_nephro.training.errors import TrainingError
 from napari_nephro.training.nuclei_data import nucleus_images
-from napari_nephro.training.nuclei_loop import HoverLoss, NucleiRecipe, draw_batch, train_nuclei
+from napari_nephro.training.nuclei_loop import MARKER_GRID, HoverLoss, NucleiRecipe, draw_batch, train_nuclei
 
 SMALL = {"encoder": "mobilenet_v2", "decoder": {"decoder_channels": [32, 16, 16, 8, 8]}}
 TINY = NucleiRecipe(epochs=3, steps_per_epoch=2, batch_size=2, crop=64, lr=1e-3, seed=5, val_fraction=0.34)
@@ -141,6 +142,11 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(images, tmp
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert config.heads == "hover" and config.provenance["best_epoch"] == resumed.best_epoch
+    # the marker threshold is tuned on the validation images, and tuning never lowers their F1
+    assert config.post_processing["marker_threshold"] in MARKER_GRID
+    tuned = config.provenance["post_processing"]
+    assert tuned["val_f1"] >= tuned["val_f1_before"]
+    assert load_nuclei_model(str(resumed.path)).hover.marker_threshold == config.post_processing["marker_threshold"]
     assert (resumed.path / "metrics.csv").read_text().splitlines()[0].split(",")[3] == "val_f1"
     assert not (tmp_path / "run.training").exists()
 
@@ -228,3 +234,34 @@ def test_each_tile_is_contrast_stretched_but_glass_is_not_made_into_noise():
         )
     with pytest.raises(ModelError, match="one class"):
         ModelConfig(arch="unet", classes=["a", "b"], heads="hover")
+
+
+def test_white_padding_past_the_slide_edge_does_not_change_the_stretch():
+    from napari_nephro.models.hover_segmenter import stretch_contrast
+
+    torch.manual_seed(1)
+    tissue = 0.3 + 0.4 * torch.rand(1, 3, 64, 64)
+    padded = torch.ones(1, 3, 128, 128)  # a small image in a tile: three quarters of it white
+    padded[..., :64, :64] = tissue
+    alone = stretch_contrast(tissue, (1, 99))
+    inside = stretch_contrast(padded, (1, 99))[..., :64, :64]
+    torch.testing.assert_close(inside, alone)
+    assert float(alone.max()) == pytest.approx(1.0, abs=0.02)  # the tissue's brightest, not the padding, is white
+
+
+def test_tuned_post_processing_in_a_config_is_checked(tmp_path):
+    from napari_nephro.models.errors import ModelError
+
+    hover = {"arch": "unet", "classes": ["nucleus"], "heads": "hover"}
+    assert ModelConfig(**hover, post_processing={"marker_threshold": 0.55}).post_processing["marker_threshold"] == 0.55
+    for bad, words in (
+        ({"marker": 0.5}, "unknown post_processing keys marker"),
+        ({"sobel_size": 10}, "odd"),
+        ({"marker_threshold": 1.5}, r"in \[0.0, 1.0\]"),
+        ({"min_size": 2.5}, "whole number"),
+        ({"threshold": "high"}, "must be a number"),
+    ):
+        with pytest.raises(ModelError, match=words):
+            ModelConfig(**hover, post_processing=bad)
+    with pytest.raises(ModelError, match="hover"):
+        ModelConfig(arch="unet", post_processing={"marker_threshold": 0.5})

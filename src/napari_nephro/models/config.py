@@ -44,6 +44,8 @@ class ModelConfig:
     objects: dict | None = None  # rules that make the pixel map whole objects (see ObjectRules); None: none
     flips: bool = False  # average the predictions of the tile and its three flips (4x the time, smoother outlines)
     heads: str = "semantic"  # "hover": a nuclei network (probability + HV maps) the instance engine runs
+    # hover only: HoVer-Net post-processing thresholds tuned on validation images, over the published ones
+    post_processing: dict | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -87,6 +89,10 @@ class ModelConfig:
             raise ModelError(f"heads must be one of {', '.join(HEADS)}, not {_short(self.heads)}")
         if self.heads == "hover" and len(self.classes) != 1:
             raise ModelError(f"a hover network finds one class of object, not {len(self.classes)}")
+        if self.post_processing is not None:
+            if self.heads != "hover":
+                raise ModelError("post_processing is for hover (nuclei) networks only")
+            _check_post_processing(self.post_processing)
         if not isinstance(self.flips, bool):
             raise ModelError(f"flips must be true or false, not {_short(self.flips)}")
         for name in ("normalization", "encoder_kwargs", "decoder", "provenance"):
@@ -115,7 +121,7 @@ class ModelConfig:
 
     def to_json(self) -> str:
         data = asdict(self)
-        for key, off in (("objects", None), ("flips", False), ("heads", "semantic")):
+        for key, off in (("objects", None), ("flips", False), ("heads", "semantic"), ("post_processing", None)):
             if data[key] == off:  # left out, so an older napari-nephro still reads the file
                 del data[key]
         return json.dumps(data, indent=2)
@@ -205,3 +211,32 @@ def _check_normalization(norm: dict) -> None:
     unknown = sorted(set(norm) - {"mean", "std", "stretch"})
     if unknown:
         raise ModelError(f"unknown normalization keys {', '.join(map(str, unknown))}")
+
+
+# HoverParams' fields: (whole number?, low, high), bounds inclusive
+POST_PROCESSING = {
+    "threshold": (False, 0.0, 1.0),
+    "marker_threshold": (False, 0.0, 1.0),
+    "min_blob": (True, 0, 10_000),
+    "min_size": (True, 0, 10_000),
+    "sobel_size": (True, 3, 63),
+}
+
+
+def _check_post_processing(values: object) -> None:
+    if not isinstance(values, dict):
+        raise ModelError(f"post_processing must be a JSON object, not {_short(values)}")
+    unknown = sorted(set(values) - set(POST_PROCESSING))
+    if unknown:
+        raise ModelError(
+            f"unknown post_processing keys {', '.join(map(str, unknown))}: valid ones are {', '.join(POST_PROCESSING)}"
+        )
+    for key, value in values.items():
+        whole, low, high = POST_PROCESSING[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelError(f"post_processing {key} must be a number, not {_short(value)}")
+        if whole and value != int(value):
+            raise ModelError(f"post_processing {key} must be a whole number, not {_short(value)}")
+        if not low <= value <= high or (key == "sobel_size" and int(value) % 2 == 0):
+            odd = " and odd" if key == "sobel_size" else ""
+            raise ModelError(f"post_processing {key} must be in [{low}, {high}]{odd}, not {_short(value)}")

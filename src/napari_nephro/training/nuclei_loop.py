@@ -261,7 +261,7 @@ def train_nuclei(
     weights = torch.tensor([float(n.labels.size) for n in train_set], dtype=torch.float64)
     mean = torch.tensor(model_config.normalization["mean"], device=target).view(1, 3, 1, 1)
     std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
-    params_post = post_processing(model_config.mpp)
+    params_post = post_processing(model_config.mpp, model_config.post_processing)
     with _kept_only_when_resumable(state_dir):
         augment = Augment(recipe.stain_jitter, _zoom(recipe.scale_jitter), blur=BLUR) if recipe.augment else None
         stopped = False
@@ -317,14 +317,66 @@ def train_nuclei(
         if save is not None:
             save(network, out)
         else:
-            _save_ours(network, out, model_config, recipe, history, best, images, val_set, provenance, overwrite)
+            tuned = None
+            if val_set:
+                tuned = tune_post_processing(
+                    network, val_set, target, mean, std, params_post, model_config.normalization
+                )
+            _save_ours(network, out, model_config, recipe, history, best, images, val_set, provenance, overwrite, tuned)
         shutil.copy(state_dir / METRICS, out / METRICS if out.is_dir() else out.with_suffix(".metrics.csv"))
         shutil.rmtree(state_dir)
         return NucleiTrainResult(out, best[0], best[1], history)
 
 
-def _save_ours(network, out, model_config, recipe, history, best, images, val_set, provenance, overwrite) -> None:
+MARKER_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.30 .. 0.70
+
+
+@dataclass(frozen=True)
+class TunedPostProcessing:
+    """The marker threshold chosen on validation images, and the F1 it gave against the one it replaced."""
+
+    marker_threshold: float
+    f1: float
+    f1_before: float
+    grid: tuple[float, ...] = MARKER_GRID
+
+
+def tune_post_processing(
+    network, images, device, mean, std, start: HoverParams, normalization: dict | None = None
+) -> TunedPostProcessing:
+    """The HoVer marker threshold that gives the best instance F1 (IoU 0.5) on `images`.
+
+    Why: HoVer-Net calls a pixel a border between nuclei where the min-max scaled HV
+    gradient reaches 0.4. How steep a small network's HV maps are depends on its
+    training, so the published 0.4 can leave touching nuclei merged or cut a nucleus
+    into none: for the shipped model, 0.4 found 688 nuclei of 1,222 on NuInsSeg
+    human kidney. The maps are computed once; each threshold of `MARKER_GRID` costs
+    one post-processing pass. Ties keep the threshold nearest the starting one.
+    """
+    from ..evaluation.instances import match_instances
+    from ..models.hovernet import hover_instances
+
+    network.eval()
+    maps = [(predict_maps(network, item.image, mean, std, device, normalization), item.labels) for item in images]
+    grid = sorted({*MARKER_GRID, start.marker_threshold})
+    scores = {}
+    for marker in grid:
+        params = HoverParams(**{**start.__dict__, "marker_threshold": marker})
+        tp = fp = fn = 0
+        for (prob, hv), truth in maps:
+            match = match_instances(hover_instances(prob, hv, params=params).labels, truth)
+            tp, fp, fn = tp + match.tp, fp + match.fp, fn + match.fn
+        scores[marker] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    chosen = max(grid, key=lambda m: (round(scores[m], 6), -abs(m - start.marker_threshold)))
+    return TunedPostProcessing(chosen, scores[chosen], scores[start.marker_threshold], tuple(grid))
+
+
+def _save_ours(
+    network, out, model_config, recipe, history, best, images, val_set, provenance, overwrite, tuned=None
+) -> None:
     config = ModelConfig(**{**asdict(model_config), "provenance": {}})
+    if tuned is not None:
+        config.post_processing = {**(model_config.post_processing or {}), "marker_threshold": tuned.marker_threshold}
     config.provenance = {
         **model_config.provenance,
         **(provenance or {}),
@@ -340,6 +392,13 @@ def _save_ours(network, out, model_config, recipe, history, best, images, val_se
         "val_f1": round(best[1], 4),
         "history": [asdict(e) for e in history],
     }
+    if tuned is not None:
+        config.provenance["post_processing"] = {
+            "tuned_on": "the validation images",
+            "marker_threshold_grid": list(tuned.grid),
+            "val_f1_before": round(tuned.f1_before, 4),
+            "val_f1": round(tuned.f1, 4),
+        }
     try:
         save_checkpoint(network, config, out, overwrite=overwrite)
     except ModelError as exc:
