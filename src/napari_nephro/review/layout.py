@@ -9,8 +9,11 @@
       predictions/<model>/<patch>.tif
                                    the model's objects on the patch: uint32 instance ids (0 background),
                                    same pixels as the patch PNG
+      predictions/<model>/<patch>.classes.json
+                                   glomeruli with classes only: {"<id>": "<class name>", ...}
       ratings/<rater>.csv          one rater's ratings, appended one line at a time (see `append_rating`);
-                                   the last line for a (patch, model) wins; a rater sees only their file
+                                   the last line for a (patch, model) wins; a rater sees only their file;
+                                   ratings/adjudicated.csv (rater `ADJUDICATOR`) settles disagreements
       corrections/<patch>.tif      a fused-bad patch corrected by hand: uint32 instance ids (the hard set)
       corrections.csv              one row per saved correction: patch, rater, started_from, objects, time
       results/                     fusion tables (CSV) and figures (PNG), rewritten by `nephro review fuse`
@@ -47,6 +50,7 @@ PATCH_FIELDS = ("patch", "slide", "x", "y", "width", "height")
 PREDICTION_FIELDS = ("patch", "model", "objects", "seconds")
 RATING_FIELDS = ("patch", "model", "rating", "time")
 CORRECTION_FIELDS = ("patch", "rater", "started_from", "objects", "time")
+ADJUDICATOR = "adjudicated"  # the rater name whose ratings settle what other raters disagree on
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # model and rater names: safe as file names
 
 
@@ -144,6 +148,10 @@ def patch_png(root: Path, patch: str) -> Path:
 
 def prediction_tif(root: Path, model: str, patch: str) -> Path:
     return Path(root) / "predictions" / model / f"{patch}.tif"
+
+
+def prediction_classes(root: Path, model: str, patch: str) -> Path:
+    return Path(root) / "predictions" / model / f"{patch}.classes.json"
 
 
 def ratings_csv(root: Path, rater: str) -> Path:
