@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,6 +209,7 @@ def train_nuclei(
     resume: bool = False,
     overwrite: bool = False,
     provenance: dict | None = None,
+    image_weights: Sequence[float] | None = None,
     on_step: Callable[[Step], None] | None = None,
     on_epoch: Callable[[NucleiEpoch], None] | None = None,
     stop: Callable[[], bool] | None = None,
@@ -217,6 +218,8 @@ def train_nuclei(
 
     `save(network, out)` writes the result for a network that is not ours (CellViT);
     by default a checkpoint folder (`config.json` + `model.safetensors`).
+    `image_weights` (one per image, default all 1) scale how often each training
+    image's crops are drawn beyond its area: a review set's oversampling weights.
     """
     from ..models.networks import build_network
 
@@ -224,6 +227,7 @@ def train_nuclei(
     recipe.check()
     if model_config.heads != "hover":
         raise TrainingError("a nuclei network needs heads 'hover' in its config")
+    factors = _image_weights(images, image_weights)
     out = Path(out)
     state_dir = check_output(out, resume=resume, overwrite=overwrite)
     train_index, val_index = split_images(images, recipe.val_fraction, recipe.seed)
@@ -257,8 +261,8 @@ def train_nuclei(
         import json
 
         (state_dir / "recipe.json").write_text(json.dumps({**asdict(recipe), "tiles": counts}, indent=2))
-    # images drawn in proportion to their area: every pixel of the data is as likely to be seen
-    weights = torch.tensor([float(n.labels.size) for n in train_set], dtype=torch.float64)
+    # images drawn in proportion to their area (every pixel of the data is as likely to be seen), times their weight
+    weights = torch.tensor([float(images[i].labels.size) * factors[i] for i in train_index], dtype=torch.float64)
     mean = torch.tensor(model_config.normalization["mean"], device=target).view(1, 3, 1, 1)
     std = torch.tensor(model_config.normalization["std"], device=target).view(1, 3, 1, 1)
     params_post = post_processing(model_config.mpp, model_config.post_processing)
@@ -326,6 +330,17 @@ def train_nuclei(
         shutil.copy(state_dir / METRICS, out / METRICS if out.is_dir() else out.with_suffix(".metrics.csv"))
         shutil.rmtree(state_dir)
         return NucleiTrainResult(out, best[0], best[1], history)
+
+
+def _image_weights(images: list[NucleusImage], weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(images)
+    factors = [float(w) for w in weights]
+    if len(factors) != len(images):
+        raise TrainingError(f"{len(factors)} image weights for {len(images)} images")
+    if not all(math.isfinite(w) and w > 0 for w in factors):
+        raise TrainingError("image weights must be positive numbers")
+    return factors
 
 
 MARKER_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(9))  # 0.30 .. 0.70
