@@ -25,6 +25,7 @@ from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
 from .pipelines.export import FORMATS, KEEP
 from .prompts import PromptError
+from .review import ReviewError
 from .tiling import GridError
 from .training.errors import TrainingError, resumable
 
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PromptError,
         JSONFileError,
         GridError,
+        ReviewError,
         UserError,
     ) as exc:
         print(f"nephro: error: {exc}", file=sys.stderr)
@@ -128,6 +130,7 @@ def _finite(text: str) -> float:
 
 POSITIVE = _number(0, above=True)
 OPEN_FRACTION = _number(0, 1, above=True, below=True)
+FRACTION = _number(0, 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -347,6 +350,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     demo.add_argument("--screenshot", type=Path, metavar="PNG", help="save a screenshot of the window and exit")
     demo.set_defaults(func=cmd_demo)
+
+    from .cli_review import add_parser as add_review
+
+    add_review(sub, POSITIVE, FRACTION)
     return parser
 
 
