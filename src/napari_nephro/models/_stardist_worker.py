@@ -120,7 +120,11 @@ class _Missing(Exception):
     pass
 
 
-def _load(folder: str, weights: str, device: str):
+def tensorflow_and_stardist(device: str):
+    """TensorFlow and StarDist2D imported for `device` ("cpu" hides the GPU first); _Missing names what is absent.
+
+    Shared with the StarDist training worker (`review/_stardist_train_worker.py`).
+    """
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # before TensorFlow is imported: it then sees no GPU
     try:
@@ -131,9 +135,14 @@ def _load(folder: str, weights: str, device: str):
         from stardist.models import StarDist2D
     except ImportError as exc:
         raise _Missing(f"stardist: {exc}") from None
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    if device == "cuda" and not gpu:
+    if device == "cuda" and not tf.config.list_physical_devices("GPU"):
         raise RuntimeError("TensorFlow sees no GPU here (tensorflow-cpu, or no CUDA build): use --device cpu (or auto)")
+    return tf, StarDist2D
+
+
+def _load(folder: str, weights: str, device: str):
+    tf, StarDist2D = tensorflow_and_stardist(device)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
     folder = os.path.abspath(folder)
     model = StarDist2D(None, name=os.path.basename(folder), basedir=os.path.dirname(folder))
     model.load_weights(weights)  # the file the parent chose, not the newest *.h5 StarDist would pick

@@ -38,10 +38,6 @@ def _protocol():
     return module
 
 
-class _Missing(Exception):
-    pass
-
-
 def _fit(image, labels, crop: int):
     """Pad to at least `crop` px: the image with zeros, the labels with -1 (StarDist leaves those pixels out)."""
     import numpy as np
@@ -55,19 +51,9 @@ def _fit(image, labels, crop: int):
 
 def train(protocol, writer, source, weights, out, device, images, labels, draws, val, epochs, steps, batch, crop, lr,
           seed, percentiles, min_range):  # fmt: skip
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # before TensorFlow is imported: it then sees no GPU
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise _Missing(f"tensorflow: {exc}") from None
-    try:
-        from csbdeep.utils.tf import keras_import
-        from stardist.models import StarDist2D
-    except ImportError as exc:
-        raise _Missing(f"stardist: {exc}") from None
-    if device == "cuda" and not tf.config.list_physical_devices("GPU"):
-        raise RuntimeError("TensorFlow sees no GPU here (tensorflow-cpu, or no CUDA build): use --device cpu (or auto)")
+    tf, StarDist2D = protocol.tensorflow_and_stardist(device)
+    from csbdeep.utils.tf import keras_import  # installed with stardist
+
     tf.random.set_seed(seed)
     callback = keras_import("callbacks", "Callback")
     start = StarDist2D(None, name=os.path.basename(source), basedir=os.path.dirname(source))
@@ -127,7 +113,7 @@ def main() -> None:
         if op != "train":
             raise RuntimeError(f"unknown request {op!r}")
         answer = ("done", train(protocol, writer, **payload))
-    except _Missing as exc:
+    except protocol._Missing as exc:
         answer = ("error", "missing", str(exc))
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)

@@ -47,7 +47,7 @@ from ...models import ModelError
 from ...review import layout
 from ...review.layout import ADJUDICATOR, ReviewError
 from ...training import TrainingError
-from ._layers import UserFailure, catching
+from ._layers import UserFailure, catching, refill
 from ._wrapping import WrappingLabel
 
 if TYPE_CHECKING:
@@ -253,13 +253,7 @@ class ReviewWidget(QWidget):
     def _fill_models(self) -> None:
         names = self.project.model_names
         for combo in (self.focus_combo, self.tune_combo):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+            refill(combo, names)
 
     def models(self) -> list[str]:
         return self.project.model_names if self.project else []
