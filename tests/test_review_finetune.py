@@ -184,6 +184,7 @@ def test_cellvit_fine_tunes_on_the_hard_set_only_and_says_so_beside_it(nuclei_se
         nuclei_loop, "train_nuclei", lambda images, *a, **k: seen.append(images) or real(images, *a, **k)
     )
     out = tmp_path / "tuned.pth"
+    monkeypatch.setattr(cellvit, "_told", set())  # told once per process: an earlier test may have heard it
     with pytest.warns(UserWarning, match="Commons Clause"):
         assert ft.finetune(nuclei_set, f"cellvit:{source}", out, sets=("hard",), **SHORT) == out
         tuned = cellvit.load(out, device="cpu", tile_size=256)
