@@ -182,20 +182,20 @@ def test_a_glomerulus_checkpoint_is_not_taken_for_a_nuclei_model(tmp_path, capsy
 
     assert family_of(str(tmp_path / "g")) is None
     with pytest.raises(TrainingError, match="glomerulus checkpoint"):
-        from napari_nephro.pipelines.train_nuclei import _start
+        from napari_nephro.pipelines.train_nuclei import starting_network
 
-        _start(str(tmp_path / "g"), None, None, None)
+        starting_network(str(tmp_path / "g"), None, None, None)
 
 
 def test_cellvit_is_fine_tuned_by_the_same_loop_and_stays_a_cellvit_checkpoint(images, tmp_path):
     from napari_nephro.models import cellvit
-    from napari_nephro.pipelines.train_nuclei import _start
+    from napari_nephro.pipelines.train_nuclei import starting_network
     from test_cellvit import _save, _tiny_config, _tiny_state
 
     _, state = _tiny_state()
     source = tmp_path / "tiny.pth"
     _save(source, "CellViT", state, _tiny_config(**{"data.magnification": 20}))  # 0.5 um/px, as the images
-    config, network, save = _start(f"cellvit:{source}", None, None, None)
+    config, network, save = starting_network(f"cellvit:{source}", None, None, None)
     assert config.mpp == 0.5 and config.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3}
     recipe = NucleiRecipe(epochs=1, steps_per_epoch=1, batch_size=2, crop=64, seed=0, val_fraction=0.34)
     out = tmp_path / "tuned.pth"

@@ -196,6 +196,12 @@ def test_cellvit_fine_tunes_on_the_hard_set_only_and_says_so_beside_it(nuclei_se
     assert side["review"]["weights"] == {"hard": 1.0}
     with pytest.raises(ReviewError, match=r"name it \.pth"):
         ft.finetune(nuclei_set, f"cellvit:{source}", tmp_path / "tuned-folder", **SHORT)
+    # a model whose provenance cannot be written is taken back, with its metrics
+    monkeypatch.setattr(ft, "sidecar", lambda out: tmp_path / "no-such-folder" / "x.review.json")
+    again = tmp_path / "again.pth"
+    with pytest.raises(OSError):
+        ft.finetune(nuclei_set, f"cellvit:{source}", again, sets=("hard",), **SHORT)
+    assert not again.exists() and not again.with_suffix(".metrics.csv").exists()
 
 
 def glomerulus_pairs():

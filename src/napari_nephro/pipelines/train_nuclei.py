@@ -48,7 +48,7 @@ def nuclei_config(
     )
 
 
-def _start(init: str | None, mpp, encoder, decoder_channels):
+def starting_network(init: str | None, mpp, encoder, decoder_channels):
     """(config for the loop, network or None, save function or None) for each kind of start."""
     if init is None:
         return nuclei_config(mpp=mpp, encoder=encoder, decoder_channels=decoder_channels), None, None
@@ -125,7 +125,7 @@ def train_nuclei_from_files(
         raise TrainingError(f"{out}: a fine-tuned CellViT is a checkpoint file: name it .pth")
     check_output(out, resume=resume, overwrite=overwrite)
     try:
-        config, network, save = _start(init, mpp, encoder, decoder_channels)
+        config, network, save = starting_network(init, mpp, encoder, decoder_channels)
     except ModelError as exc:
         raise TrainingError(str(exc)) from None
     data = nucleus_images(annotations, images, mpp=config.mpp, image_mpp=image_mpp, progress=on_read)

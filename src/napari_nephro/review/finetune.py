@@ -7,7 +7,7 @@ Each family is trained the way it is trained elsewhere, never by a copy of a loo
 
 - ours (`nuclei`, `nuclei:FOLDER`, a HoVer checkpoint folder) and CellViT
   (`cellvit:FILE.pth`): `training.nuclei_loop.train_nuclei`, started as
-  `nephro train --task nuclei --from` starts them (`pipelines.train_nuclei._start`);
+  `nephro train --task nuclei --from` starts them (`pipelines.train_nuclei.starting_network`);
   the patches read at the model's scale, whole patches held out for validation;
 - glomerulus checkpoints (`default`, U-Net, U-Net 3+, Swin U-Net folders):
   `training.loop.train` on tiles cut from the class masks at the model's tile
@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from ..common.atomic import atomic_output
+from ..common.json_io import read_json
 from .layout import ReviewError
 from .oversampling import GAMMA, oversampling_weights
 
@@ -173,12 +174,9 @@ def _check_sets(sets) -> tuple[str, ...]:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReviewError(f"{path.parent}: no dataset.json beside tiles.csv; export the project again") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ReviewError(f"{path}: not valid JSON ({exc})") from None
+    if not path.exists():
+        raise ReviewError(f"{path.parent}: no dataset.json beside tiles.csv; export the project again")
+    meta = read_json(path, error=ReviewError)
     if not isinstance(meta, dict):
         raise ReviewError(f"{path}: not a dataset description (a JSON object is expected)")
     mpp = meta.get("mpp")
@@ -245,13 +243,13 @@ def nucleus_images(tset: TrainingSet, mpp: float) -> list:
     """Each pair as a `NucleusImage` at `mpp` (the model's scale), its own group: validation holds out patches."""
     from ..annotations.io import LabelFile
     from ..pipelines.export import Item
-    from ..training.nuclei_data import _one
+    from ..training.nuclei_data import nucleus_image
 
     out = []
     for pair in tset.pairs:
         labels = read_mask(pair)
         item = Item(pair.patch, raster=LabelFile(labels), shape=labels.shape, image=pair.image)
-        out.append(_one(item, mpp, tset.mpp, pair.patch))
+        out.append(nucleus_image(item, mpp, tset.mpp, pair.patch))
     return out
 
 
@@ -283,10 +281,21 @@ def sidecar(out: Path) -> Path:
     return out.with_name(out.name + SIDECAR)
 
 
-def write_sidecar(out: Path, spec: str, family: str, block: dict) -> None:
+def write_sidecar(out: Path, spec: str, family: str, block: dict, *, also: tuple[Path, ...] = ()) -> None:
+    """`<out>.review.json`; when it cannot be written, the model at `out` (and `also`) is taken back:
+    a model without its provenance is a partial result."""
     data = {"fine_tuned_from": spec, "family": family, "trained_with": f"napari-nephro {__version__}", "review": block}
-    with atomic_output(sidecar(out)) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    try:
+        with atomic_output(sidecar(out)) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    except BaseException:
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
+        for path in also:
+            path.unlink(missing_ok=True)
+        raise
 
 
 # --- the entry point ----------------------------------------------------------------------------------------------
@@ -430,12 +439,12 @@ def _steps(progress, epochs: int):
 def _hover(tset, spec, family, out, settings, *, device, overwrite, progress, on_epoch, stop) -> Path | None:
     """Ours and CellViT: the nuclei loop, started as `nephro train --task nuclei --from SPEC` starts it."""
     from ..models.errors import ModelError
-    from ..pipelines.train_nuclei import _start
+    from ..pipelines.train_nuclei import starting_network
     from ..training.nuclei_loop import NucleiRecipe, train_nuclei
 
     init = spec if family == "cellvit" else (spec_path(spec, "nuclei") or "nuclei")
     try:
-        config, network, save = _start(init, None, None, None)
+        config, network, save = starting_network(init, None, None, None)
     except ModelError as exc:
         raise ReviewError(str(exc)) from None
     s = settings.filled(DEFAULTS[family])
@@ -477,18 +486,8 @@ def _hover(tset, spec, family, out, settings, *, device, overwrite, progress, on
     if result.path is None:
         return None
     if family == "cellvit":
-        _or_remove(lambda: write_sidecar(out, str(spec), family, block), out, out.with_suffix(".metrics.csv"))
+        write_sidecar(out, str(spec), family, block, also=(out.with_suffix(".metrics.csv"),))
     return out
-
-
-def _or_remove(write: Callable[[], None], *paths: Path) -> None:
-    """Write the sidecar, or take back the model written before it: a model without its provenance is partial."""
-    try:
-        write()
-    except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise
 
 
 def class_items(tset: TrainingSet) -> list:

@@ -153,7 +153,7 @@ def finetune_cellpose(tset, spec, out: Path, settings: Settings, *, device, prog
     watched = _Watched(net, channels, on_step, stop)
     kind = "sam" if sam else "classic"
     recipe = {
-        **{k: v for k, v in asdict(s).items()},
+        **asdict(s),
         "weight_decay": WEIGHT_DECAY[kind],
         "net": "Cellpose-SAM" if sam else "classic Cellpose U-Net",
         "mpp": segmenter.mpp,
@@ -189,11 +189,7 @@ def finetune_cellpose(tset, spec, out: Path, settings: Settings, *, device, prog
             )
         with atomic_output(out) as dest:
             shutil.copyfile(filename, dest)
-    try:
-        write_sidecar(out, str(spec), "cellpose", block)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+    write_sidecar(out, str(spec), "cellpose", block)
     if on_epoch is not None:  # train_seg gives its losses when it returns: the epochs are told then
         ends = [started, *times]
         for epoch in range(s.epochs):

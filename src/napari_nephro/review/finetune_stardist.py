@@ -97,11 +97,7 @@ def finetune_stardist(tset, spec, out: Path, settings: Settings, *, device, prog
         _train(request | {"out": str(tmp.resolve())}, s, progress, on_epoch, stop)
         if (folder / "thresholds.json").is_file():
             shutil.copyfile(folder / "thresholds.json", tmp / "thresholds.json")
-    try:
-        write_sidecar(out, str(spec), "stardist", block)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+    write_sidecar(out, str(spec), "stardist", block)
     return out
 
 

@@ -66,7 +66,7 @@ def nucleus_images(
         raise TrainingError(f"{', '.join(unknown[:3])}: the pixel size is unknown; give it with --image-mpp")
     out = []
     for done, item in enumerate(items, start=1):
-        out.append(_one(item, mpp, item.mpp or image_mpp, group))
+        out.append(nucleus_image(item, mpp, item.mpp or image_mpp, group))
         if progress is not None:
             progress(done, len(items))
     empty = [n.name for n in out if n.count == 0]
@@ -75,7 +75,8 @@ def nucleus_images(
     return out
 
 
-def _one(item: Item, mpp: float, own_mpp: float, group: str | None) -> NucleusImage:
+def nucleus_image(item: Item, mpp: float, own_mpp: float, group: str | None) -> NucleusImage:
+    """One image and its instance labels (raster or polygons) read at `mpp` from its own `own_mpp`."""
     h, w = item.shape
     factor = own_mpp / mpp
     size = (max(1, round(h * factor)), max(1, round(w * factor)))
