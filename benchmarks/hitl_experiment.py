@@ -254,8 +254,8 @@ def run_rule(args, base: dict[str, Path], root: Path, rule: str, good: float, ba
 
     recalls = simulate_rater(root, good, bad)
     hard = correct_hard(root)
-    write_results(root)
     report = fusion_report(root)
+    write_results(root, report)
     project = layout.read_project(root)
     models = project.model_names
     rows = []

@@ -428,5 +428,5 @@ def test_results_are_valid_pngs_and_tables_with_the_reports_numbers(tmp_path):
     assert per_patch == {p: r or "unrated" for p, r in report.fused.items()}
 
     rate(tmp_path, "ann", {"p0006": "-g-"})  # a new rating: fused again, the tables follow
-    write_results(tmp_path)
+    write_results(tmp_path, fusion_report(tmp_path))  # the caller's report, read once
     assert {r["patch"]: r["fused"] for r in table("fused_ratings.csv")}["p0006"] == "good"

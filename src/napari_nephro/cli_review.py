@@ -87,10 +87,6 @@ def _bar(description: str, unit: str):
     return _progress_bar(description, unit)
 
 
-def _models(specs: list[str]) -> list[str]:
-    return list(specs)
-
-
 def cmd_new(args: argparse.Namespace) -> int:
     from .pipelines.review import new_project
 
@@ -98,7 +94,7 @@ def cmd_new(args: argparse.Namespace) -> int:
         root = new_project(
             args.project,
             args.slides,
-            _models(args.models),
+            args.models,
             patches=args.patches,
             size=args.size,
             mpp=args.mpp,
@@ -149,9 +145,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from .review.figures import write_results
     from .review.fusion import fusion_report
 
-    paths = write_results(args.project)
     report = fusion_report(args.project)
-    print(report.summary() if hasattr(report, "summary") else report)
+    paths = write_results(args.project, report)
+    print(report.summary())
     for path in paths:
         print(path)
     return 0

@@ -23,14 +23,15 @@ TABLES = ("rating_counts.csv", "fused_counts.csv", "agreement_matrix.csv", "agre
 FIGURES = ("rating_counts.png", "fused_counts.png", "agreement_matrix.png")
 
 
-def write_results(root: str | os.PathLike[str]) -> list[Path]:
+def write_results(root: str | os.PathLike[str], report: FusionReport | None = None) -> list[Path]:
     """Write the fusion tables (CSV) and figures (PNG) of a project into its results folder; returns the files.
 
+    `report`: the project's `fusion_report`, when the caller has it already (it reads every rating file).
     Each file is replaced whole (a viewer never sees half of one).
     """
     root = Path(root)
     _matplotlib()  # before anything is written: a missing matplotlib leaves no half set of results
-    report = fusion_report(root)
+    report = fusion_report(root) if report is None else report
     folder = layout.results_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -457,8 +457,9 @@ class ReviewWidget(QWidget):
             self.status.setText("open a review project first")
             return []
         try:
-            paths = write_results(self.root)
-            summary = fusion_report(self.root).summary()
+            report = fusion_report(self.root)
+            paths = write_results(self.root, report)
+            summary = report.summary()
         except (*ERRORS, ImportError) as exc:
             self.status.setText(str(exc))
             return []
