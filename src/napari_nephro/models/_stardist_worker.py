@@ -108,16 +108,31 @@ def _serve(reader, writer) -> None:
             else:
                 raise RuntimeError(f"unknown request {op!r}")
             answer = ("ok", reply)
-        except _Missing as exc:
-            answer = ("error", "missing", str(exc))
         except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            answer = ("error", "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            answer = error_answer(exc)
         send(writer, answer)
 
 
 class _Missing(Exception):
     pass
+
+
+def error_answer(exc: Exception) -> tuple:
+    """A failed request's answer: ("error", "missing" | "failed", one line); called in the except block, so a
+    failure's traceback goes to stderr (the parent keeps its last lines). Shared with the training worker."""
+    if isinstance(exc, _Missing):
+        return ("error", "missing", str(exc))
+    traceback.print_exc(file=sys.stderr)
+    return ("error", "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def message_writer():
+    """The stream messages go to (the real stdout); prints of the libraries go to stderr, and Ctrl-C is the
+    parent's to handle (it then stops this process). Shared with the training worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    writer = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return writer
 
 
 def tensorflow_and_stardist(device: str):
@@ -178,10 +193,7 @@ def _predict(model, tiles, prob: float, nms: float, percentiles: tuple[float, fl
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops this process
-    writer = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints (StarDist's, TensorFlow's) go to stderr
-    _serve(sys.stdin.buffer, writer)
+    _serve(sys.stdin.buffer, message_writer())
 
 
 if __name__ == "__main__":

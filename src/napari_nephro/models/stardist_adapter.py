@@ -236,17 +236,7 @@ class StarDistWorker:
     """The child process that runs TensorFlow: one request at a time, answers read back whole, death detected."""
 
     def __init__(self, folder: Path, weights: Path, device: str) -> None:
-        env = dict(os.environ)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-        self.process = subprocess.Popen(
-            [sys.executable, str(WORKER)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        self._stderr: deque[str] = deque(maxlen=50)
-        threading.Thread(target=_drain, args=(self.process.stderr, self._stderr), daemon=True).start()
+        self.process, self._stderr = spawn(WORKER)
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _stop, self.process)
         try:
@@ -323,6 +313,19 @@ class StarDistWorker:
             with contextlib.suppress(OSError):
                 self.process.kill()
             self._finalizer()
+
+
+def spawn(script: Path) -> tuple[subprocess.Popen, deque[str]]:
+    """Start a TensorFlow worker script (this one, or the review fine-tune's) with pipes for messages; the last
+    lines it writes to stderr are kept, so it never blocks on a full pipe and its death can be explained."""
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    tail: deque[str] = deque(maxlen=50)
+    threading.Thread(target=_drain, args=(process.stderr, tail), daemon=True).start()
+    return process, tail
 
 
 def _drain(stream, tail: deque) -> None:

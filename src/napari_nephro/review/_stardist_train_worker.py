@@ -24,13 +24,12 @@ if __name__ == "__main__":
 
 import importlib.util
 import os
-import signal
 import time
-import traceback
 
 
 def _protocol():
-    """`models/_stardist_worker.py`'s send / receive, loaded from its file (the package is not imported here)."""
+    """`models/_stardist_worker.py` (messages, imports, error answers), loaded from its file (the package is not
+    imported here)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "_stardist_worker.py")
     spec = importlib.util.spec_from_file_location("_nephro_stardist_protocol", path)
     module = importlib.util.module_from_spec(spec)
@@ -101,10 +100,8 @@ def train(protocol, writer, source, weights, out, device, images, labels, draws,
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops this process
     protocol = _protocol()
-    writer = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints (StarDist's, Keras's) go to stderr
+    writer = protocol.message_writer()
     try:
         op, payload = protocol.receive(sys.stdin.buffer)
     except EOFError:
@@ -113,11 +110,8 @@ def main() -> None:
         if op != "train":
             raise RuntimeError(f"unknown request {op!r}")
         answer = ("done", train(protocol, writer, **payload))
-    except protocol._Missing as exc:
-        answer = ("error", "missing", str(exc))
     except Exception as exc:
-        traceback.print_exc(file=sys.stderr)
-        answer = ("error", "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        answer = protocol.error_answer(exc)
     protocol.send(writer, answer)
 
 

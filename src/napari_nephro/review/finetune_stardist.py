@@ -17,11 +17,8 @@ sent once). Whole patches are held out for StarDist's validation, which picks
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
-import threading
 from collections import deque
 from pathlib import Path
 
@@ -104,15 +101,9 @@ def finetune_stardist(tset, spec, out: Path, settings: Settings, *, device, prog
 def _train(request: dict, s: Settings, progress, on_epoch, stop) -> dict:
     """Run the worker to its end, passing its reports on; a stop kills it, a death is one line."""
     from ..models._stardist_worker import receive, send
-    from ..models.stardist_adapter import _drain, _not_installed
+    from ..models.stardist_adapter import _not_installed, spawn
 
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    process = subprocess.Popen(
-        [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    tail: deque[str] = deque(maxlen=50)
-    threading.Thread(target=_drain, args=(process.stderr, tail), daemon=True).start()
+    process, tail = spawn(WORKER)
     total = s.epochs * s.steps_per_epoch
     try:
         try:
