@@ -17,7 +17,7 @@ import pytest
 from conftest import require_shared
 from napari_nephro.pipelines.review import new_project
 from napari_nephro.plugin.widgets.review import ReviewWidget
-from napari_nephro.review import layout
+from napari_nephro.review import layout, stats
 from napari_nephro.review.consensus import effective_ratings
 
 MODELS = ["nuclei", "again"]
@@ -57,7 +57,7 @@ def ratings_file(root, rater) -> list[tuple[str, str, str]]:
     return [tuple(line.split(",")[:3]) for line in lines]
 
 
-def test_keys_rate_the_model_in_focus_save_at_once_and_move_on(project, open_widget):
+def test_keys_rate_the_model_in_focus_save_at_once_and_move_on(project, open_widget, monkeypatch):
     widget = open_widget(project, "ann")
     viewer = widget.viewer
     for key in ("1", "2", "3", "Left", "Right", "Up", "Down", "A"):
@@ -86,6 +86,9 @@ def test_keys_rate_the_model_in_focus_save_at_once_and_move_on(project, open_wid
     press(widget, "Right")
     press(widget, "Right")
     assert widget.patch() == "p0003"
+    measured = []
+    real = stats.patch_stats
+    monkeypatch.setattr(stats, "patch_stats", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
     press(widget, "Down")
     assert widget.focused() == "again"
     press(widget, "Down")  # wraps around
@@ -94,6 +97,9 @@ def test_keys_rate_the_model_in_focus_save_at_once_and_move_on(project, open_wid
     assert widget.focused() == "again"
     press(widget, "A")
     assert first.visible and second.visible and widget.all_check.isChecked()
+    assert measured == []  # a patch's counts are measured when it is shown, not on every focus change
+    press(widget, "Left")
+    assert measured == ["p0002"] and "agreement F1" in widget.stats_label.plain_text()
 
 
 def test_a_restart_keeps_the_ratings_and_a_second_rater_sees_none_of_them(project, open_widget):

@@ -18,6 +18,7 @@ fused-bad patches not corrected yet are left out and counted.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -171,14 +172,10 @@ class _Pair:
             if not path.is_file():
                 raise layout.ReviewError(f"{name}: {path} is missing; run nephro review predict to finish the project")
 
+    @functools.cached_property
     def object_classes(self) -> dict[int, str]:
-        if self.task != "glomeruli" or not self.classes_path.is_file():
-            return {}
-        try:
-            data = json.loads(self.classes_path.read_text())
-            return {int(k): str(v) for k, v in data.items()}
-        except (ValueError, AttributeError) as exc:
-            raise layout.ReviewError(f"{self.classes_path}: not a classes file ({exc})") from None
+        """Id -> class name of a glomerulus pair (read once: the class list and the mask both need it)."""
+        return layout.read_classes(self.classes_path) if self.task == "glomeruli" else {}
 
     def write(self, folder: Path, classes: list[str], slides: dict, weight: float) -> dict:
         name = self.patch.patch
@@ -191,7 +188,7 @@ class _Pair:
                 f"{image.shape[1]}x{image.shape[0]}; predict or correct it again"
             )
         if self.task == "glomeruli":
-            mask = _class_mask(labels, self.object_classes(), classes).astype(np.uint8)
+            mask = _class_mask(labels, self.object_classes, classes).astype(np.uint8)
         else:
             mask, ids = relabel(labels)
             if len(ids) > 65535:
@@ -220,7 +217,7 @@ class _Pair:
 
 def _classes(pairs: list[_Pair]) -> list[str]:
     """The dataset's class names (mask value - 1): as first met in patch order; one class when no file names any."""
-    names = list(dict.fromkeys(c for pair in pairs for c in pair.object_classes().values()))
+    names = list(dict.fromkeys(c for pair in pairs for c in pair.object_classes.values()))
     return names or [DEFAULT_CLASS]
 
 

@@ -154,6 +154,16 @@ def prediction_classes(root: Path, model: str, patch: str) -> Path:
     return Path(root) / "predictions" / model / f"{patch}.classes.json"
 
 
+def read_classes(path: Path) -> dict[int, str]:
+    """A classes file beside a glomerulus prediction or correction ({"<id>": "<class name>"}); {} when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as exc:
+        raise ReviewError(f"{path}: not a classes file ({exc})") from None
+
+
 def ratings_csv(root: Path, rater: str) -> Path:
     return Path(root) / "ratings" / f"{check_name('rater', rater)}.csv"
 

@@ -17,7 +17,6 @@ focus; A shows every model's outlines or only the focused one's.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +71,7 @@ class ReviewWidget(QWidget):
         self.ratings: dict[tuple[str, str], str] = {}
         self.correcting: list[str] | None = None  # the hard patches left to correct, in correction mode
         self.started_from = ""
+        self.stats_text = ""  # the shown patch's measured counts: read and matched once per patch shown
         self.result = None  # the fine-tune's last outcome: a ModelEntry, None (stopped) or a UserFailure
         self._stop = threading.Event()
         self._worker = None
@@ -242,12 +242,16 @@ class ReviewWidget(QWidget):
             self.show_patch(self.first_unfinished())
         self.refresh_disagreements()
 
+    def _valid_rater(self) -> str | None:
+        """The rater name when one is typed and valid (the status line says why a name is refused)."""
+        try:
+            return self.rater()
+        except ReviewError:
+            return None
+
     def _load_ratings(self) -> None:
         """The current rater's own ratings, never another's (blinding)."""
-        try:
-            rater = self.rater()
-        except ReviewError:
-            rater = None
+        rater = self._valid_rater()
         self.ratings = layout.read_ratings(self.root, rater) if rater and self.root else {}
 
     def _fill_models(self) -> None:
@@ -297,11 +301,11 @@ class ReviewWidget(QWidget):
             path = layout.prediction_tif(self.root, model, patch)
             labels = layout.read_labels(path) if path.is_file() else np.zeros(rgb.shape[:2], np.uint32)
             self._labels_layer(model, labels)
+        self.stats_text = self._measure(patch)
         unrated = [m for m in self.models() if (patch, m) not in self.ratings]
         if unrated and (moved or self.focused() not in unrated):  # a new patch starts at its first unrated model
             self.focus_combo.setCurrentText(unrated[0])
-        self._show_layers()
-        self._describe()
+        self._show_layers()  # and the description
 
     def next_patch(self) -> None:
         if not self.correcting and self.patches:
@@ -353,8 +357,6 @@ class ReviewWidget(QWidget):
         patch = self.patch()
         if patch is None:
             return
-        from ...review.stats import patch_stats
-
         rated, total = self.rated_count()
         self.counter_label.setText(f"{rated} / {total} rated")
         self.patch_label.setText(f"{patch} ({self.index + 1} of {total})")
@@ -362,15 +364,20 @@ class ReviewWidget(QWidget):
         self.rated_label.setText(
             "; ".join(f"{'▶ ' if m == focus else ''}{m}: {self.ratings.get((patch, m), '—')}" for m in self.models())
         )
+        self.stats_label.setText(self.stats_text)
+
+    def _measure(self, patch: str) -> str:
+        """Objects per model and their pairwise IoU-matched F1 on `patch`: shown to help, never to decide."""
+        from ...review.stats import patch_stats
+
         try:
             stats = patch_stats(self.root, patch, self.models())
         except ReviewError as exc:
-            self.stats_label.setText(str(exc))
-            return
+            return str(exc)
         objects = ", ".join(f"{m} {n}" for m, n in stats.objects.items())
         names = list(stats.objects)
         pairs = [f"{a}–{b} {stats.agreement[(a, b)]:.2f}" for i, a in enumerate(names) for b in names[i + 1 :]]
-        self.stats_label.setText(f"objects: {objects}" + (f"; agreement F1: {', '.join(pairs)}" if pairs else ""))
+        return f"objects: {objects}" + (f"; agreement F1: {', '.join(pairs)}" if pairs else "")
 
     # -- rating ----------------------------------------------------------------
     def rate(self, rating: str) -> bool:
@@ -418,11 +425,7 @@ class ReviewWidget(QWidget):
         self.disagreements_list.blockSignals(True)
         self.disagreements_list.clear()
         self.disagreements_list.blockSignals(False)
-        try:
-            rater = self.rater()
-        except ReviewError:
-            rater = None
-        if self.root is None or rater != ADJUDICATOR:
+        if self.root is None or self._valid_rater() != ADJUDICATOR:
             self.disagreements_label.setText(
                 f"Rater {ADJUDICATOR!r} sees what the raters disagree on and settles it with the keys."
             )
@@ -566,10 +569,7 @@ class ReviewWidget(QWidget):
         return path
 
     def _classes(self, patch: str) -> dict[int, str] | None:
-        path = layout.prediction_classes(self.root, self.started_from, patch)
-        if not path.is_file():
-            return None
-        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        return layout.read_classes(layout.prediction_classes(self.root, self.started_from, patch)) or None
 
     def next_hard(self) -> None:
         if self.correcting:
