@@ -243,4 +243,15 @@ def test_a_cancelled_fine_tune_adds_nothing(project, open_widget, qtbot):
     qtbot.waitUntil(lambda: widget.tune_button.isEnabled(), timeout=120_000)
     assert widget.result is None and "Stopped" in widget.tune_label.plain_text()
     assert layout.read_project(project).model_names == MODELS
-    assert not (project / "finetune" / "nuclei-ft1" / "model").exists()
+    assert not (project / "finetune" / "nuclei-ft1").exists()  # nor its exported set: the round never happened
+
+
+def test_a_fine_tune_with_nothing_rated_says_so_and_leaves_no_round_folder(project, open_widget, qtbot):
+    widget = open_widget(project, "ann")
+    widget.device_combo.setCurrentText("cpu")
+    widget.start_finetune()
+    qtbot.waitUntil(lambda: widget.tune_button.isEnabled(), timeout=60_000)
+    said = widget.tune_label.plain_text()
+    assert "nothing to export" in said and "Traceback" not in said and "\n" not in said
+    assert layout.read_project(project).model_names == MODELS
+    assert not (project / "finetune").exists() or not any((project / "finetune").iterdir())

@@ -17,6 +17,7 @@ focus; A shows every model's outlines or only the focused one's.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -621,13 +622,19 @@ class ReviewWidget(QWidget):
         def job():
             family = family_of(spec)
             folder.mkdir(parents=True)
-            dataset = export_tiles(
-                root, folder / "set", progress=lambda d, t: emit("export", d, t), on_note=lambda n: emit(n, 0, 0)
-            )
-            out = folder / ("model.pth" if family == "cellvit" else "model")
-            made = finetune(dataset, spec, out, progress=lambda d, t: emit("fine-tune", d, t), stop=stop, **options)
-            if made is None or stop():
-                return None
+            try:  # a round that ends before its model is made leaves no folder behind (nor takes its name)
+                dataset = export_tiles(
+                    root, folder / "set", progress=lambda d, t: emit("export", d, t), on_note=lambda n: emit(n, 0, 0)
+                )
+                out = folder / ("model.pth" if family == "cellvit" else "model")
+                progress = lambda d, t: emit("fine-tune", d, t)  # noqa: E731
+                made = finetune(dataset, spec, out, progress=progress, stop=stop, **options)
+                if made is None or stop():
+                    shutil.rmtree(folder)
+                    return None
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             progress = lambda d, t, text="": emit("predict", d, t)  # noqa: E731
             return add_model(root, str(made), name, device=options["device"], progress=progress, cancel=stop)
 
