@@ -1,0 +1,29 @@
+"""Per-biopsy reports from the results: a CSV row and an HTML page per slide, a CSV and an index per cohort.
+
+The numbers are what a renal pathologist writes down (tissue area, glomeruli and
+their sclerosis, glomerular areas, nuclei density inside and outside glomeruli).
+Outputs are read at whatever scale they were written. Nothing here imports napari.
+"""
+
+from .core import COLUMNS, BiopsyReport, biopsy_report, report_from_arrays, report_from_polygons
+from .errors import ReportError
+from .inputs import ClassLabels, read_glomeruli, read_nuclei, tissue_area_um2, tissue_map
+from .page import csv_text, write_biopsy_html, write_cohort, write_report_csv
+
+__all__ = [
+    "COLUMNS",
+    "BiopsyReport",
+    "ClassLabels",
+    "ReportError",
+    "biopsy_report",
+    "csv_text",
+    "read_glomeruli",
+    "read_nuclei",
+    "report_from_arrays",
+    "report_from_polygons",
+    "tissue_area_um2",
+    "tissue_map",
+    "write_biopsy_html",
+    "write_cohort",
+    "write_report_csv",
+]
