@@ -6,7 +6,9 @@
    never sent to the model, on the real slides;
 2. overhead: end-to-end time of a whole-slide run (plan, read, model, stitch, write
    the OME-Zarr pyramid) over the time of the model's forward passes alone on the
-   same tiles, with the paper's U-Net (ResNet-34, 320 px input) on this CPU;
+   same tiles, with the paper's U-Net (ResNet-34, 320 px input) on this CPU, with
+   the output at the working scale (the default) and at full resolution, and the
+   share of the run's time in each stage (`RunStats`);
 3. memory: peak resident memory of whole-slide runs on a lazily generated
    60k x 60k slide and on a 6k x 6k one (each in its own process), with a
    pixel-wise model so the engine's own memory shows, and the U-Net's own
@@ -81,6 +83,8 @@ def glass_table() -> None:
 
 
 def overhead_table(quick: bool, device: str = "cpu", batch: int = 4) -> None:
+    """End-to-end over model-only time of whole-slide runs, written at the working scale (default) and at full
+    resolution, and where the end-to-end time went (the stages overlap in threads: shares of the run's time)."""
     from napari_nephro.io.slide import Slide
     from napari_nephro.sample import sample_slide_path
 
@@ -93,30 +97,45 @@ def overhead_table(quick: bool, device: str = "cpu", batch: int = 4) -> None:
     slides.append((f"virtual {side}x{side} at 0.25 um/px", Slide(Path("virtual"), VirtualSlideBackend(side))))
     rows = []
     for name, slide in slides:
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            result = segment_slide(slide, segmenter, Path(tmp) / "out.zarr", batch_size=batch)
-            end_to_end = time.perf_counter() - t0
-        plan = make_plan(slide, model_mpp=1.0, tile=1024, overlap=256)
-        tiles = [read_scaled(slide, plan.level0_box(t), (1024, 1024)) for t in plan.tiles if t.tissue]
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(0, len(tiles), batch):
-            segmenter.predict(np.stack(tiles[i : i + batch]))
-        _sync(device)
-        model_only = time.perf_counter() - t0
-        rows.append(
-            (
-                name,
-                result.stats.predicted,
-                f"{end_to_end:.1f} s",
-                f"{model_only:.1f} s",
-                f"{end_to_end / model_only:.2f}",
+        model_only = _model_only(slide, segmenter, device, batch)
+        for scale in ("working", "full"):
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                result = segment_slide(slide, segmenter, Path(tmp) / "out.zarr", batch_size=batch, out_downsample=scale)
+                end_to_end = time.perf_counter() - t0
+            shares = result.stats.shares()
+            rows.append(
+                (
+                    name,
+                    f"{scale} ({result.mpp:.3g} um/px)",
+                    result.stats.predicted,
+                    f"{end_to_end:.1f} s",
+                    f"{model_only:.1f} s",
+                    f"{end_to_end / model_only:.2f}",
+                    *(f"{shares[k]:.0%}" for k in ("read", "wait", "model", "stitch", "write", "tail")),
+                )
             )
-        )
-    header = ("slide", "tiles", "end-to-end", "model only", "ratio")
+    header = ("slide", "output", "tiles", "end-to-end", "model only", "ratio")
+    header += ("read*", "wait", "model", "stitch", "write", "tail")
     title = f"Whole-slide run vs the model's forward passes alone (U-Net R34, {device}, batch {batch})"
     print_table(title, header, rows)
+    print(
+        "read*: reader threads' busy time (in parallel with the model); wait: the model waiting for tiles; "
+        "stitch: blending, resampling, class ids; write: object rules, compression, disk; "
+        "tail: after the last batch"
+    )
+
+
+def _model_only(slide, segmenter, device: str, batch: int) -> float:
+    """Seconds of the model's forward passes alone over the run's tissue tiles, read beforehand."""
+    plan = make_plan(slide, model_mpp=1.0, tile=1024, overlap=256)
+    tiles = [read_scaled(slide, plan.level0_box(t), (1024, 1024)) for t in plan.tiles if t.tissue]
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(tiles), batch):
+        segmenter.predict(np.stack(tiles[i : i + batch]))
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 # -- memory: one process per run ---------------------------------------------------
@@ -173,7 +192,7 @@ def memory_child(side: int) -> dict:
     before = rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = segment_slide(slide, PixelModel(), Path(tmp) / "out.zarr", batch_size=4)
+        result = segment_slide(slide, PixelModel(), Path(tmp) / "out.zarr", batch_size=4, out_downsample="full")
         seconds = time.perf_counter() - t0
     return {
         "tiles": result.stats.tiles,

@@ -185,7 +185,7 @@ def test_whole_slide_to_ome_zarr_tiff_and_geojson(disc_slide, tmp_path):
     from napari_nephro.annotations.labeltiff import read_label_tiff_pyramid
 
     slide = open_slide(disc_slide)
-    result = segment_slide(slide, Darkness(), tmp_path / "discs.zarr")
+    result = segment_slide(slide, Darkness(), tmp_path / "discs.zarr", out_downsample="full")
     assert result.path == tmp_path / "discs.zarr" and not result.partial.exists()
     pyramid = read_label_zarr(result.path)
     assert pyramid.levels[0].shape == slide.level_shapes[0] and pyramid.mpp == SLIDE_MPP
@@ -194,10 +194,10 @@ def test_whole_slide_to_ome_zarr_tiff_and_geojson(disc_slide, tmp_path):
     record = json.loads((result.path / ".zattrs").read_text())["napari-nephro-run"]
     assert record["complete"] and record["model"] == "darkness"
 
-    tif = segment_slide(slide, Darkness(), tmp_path / "discs.tif").path
+    tif = segment_slide(slide, Darkness(), tmp_path / "discs.tif", out_downsample="full").path
     assert np.array_equal(np.asarray(read_label_tiff_pyramid(tif).levels[0]), np.asarray(pyramid.levels[0]))
 
-    objects = read_annotations(segment_slide(slide, Darkness(), tmp_path / "discs.geojson").path)
+    objects = read_annotations(segment_slide(slide, Darkness(), tmp_path / "discs.geojson").path)  # working scale
     assert len(objects) == len(DISCS) and set(objects.counts()) == {"disc"}
     for annotation, (y, x, r) in zip(
         sorted(objects, key=lambda a: a.geometry.centroid.x), sorted(DISCS, key=lambda d: d[1]), strict=True
@@ -208,7 +208,8 @@ def test_whole_slide_to_ome_zarr_tiff_and_geojson(disc_slide, tmp_path):
 
 def test_a_region_file_keeps_the_slide_extent(disc_slide, tmp_path):
     slide = open_slide(disc_slide)
-    out = segment_slide(slide, Darkness(), tmp_path / "part.zarr", region=(200, 150, 400, 400)).path
+    out = segment_slide(slide, Darkness(), tmp_path / "part.zarr", region=(200, 150, 400, 400), out_downsample="full")
+    out = out.path
     labels = np.asarray(read_label_zarr(out).levels[0])
     assert labels.shape == slide.level_shapes[0]
     truth = disc_truth()

@@ -151,10 +151,12 @@ def _labels(path: Path) -> np.ndarray:
 @pytest.mark.shared
 def test_a_whole_slide_run_writes_a_uint32_pyramid_with_its_table_inside(cmu, uninterrupted):
     from napari_nephro.annotations.omezarr import read_label_zarr
+    from napari_nephro.inference.plan import cells
 
     out, result = uninterrupted
     labels = _labels(out)
-    assert labels.dtype == np.uint32 and labels.shape == cmu.level_shapes[0]
+    scale = 0.5 / cmu.mpp  # written at the model's working scale by default
+    assert labels.dtype == np.uint32 and labels.shape == tuple(cells(n, scale) for n in cmu.level_shapes[0])
     rows = read_nuclei_table(out)
     assert len(rows) == result.summary.total == len(np.unique(labels)) - 1
     assert result.summary.tissue_mm2 > 0 and result.summary.density_per_mm2 > 0
@@ -275,18 +277,20 @@ def test_a_model_that_sees_each_tile_differently_still_gives_each_nucleus_once()
 
 
 @pytest.mark.shared
-def test_the_whole_slide_run_equals_the_oracle_on_the_whole_slide(cmu, uninterrupted):
+def test_the_whole_slide_run_equals_the_oracle_on_the_whole_slide(cmu, uninterrupted, tmp_path):
     from napari_nephro.inference.instance_engine import NearestRows
     from napari_nephro.inference.plan import cells
 
-    whole = whole_image_nuclei(cmu)  # at 0.5 um/px; the output is at the slide's 0.499 um/px
+    whole = whole_image_nuclei(cmu)  # at 0.5 um/px: the working grid, where the output is by default
+    assert_same_nuclei(_labels(uninterrupted[0]), whole)
     height, width = cmu.level_shapes[0]
     scale = 0.5 / cmu.mpp
     work = (cells(height, scale), cells(width, scale))
     assert whole.shape == work
     rows = NearestRows(work, (height, width), 1 / scale, 0)
     _, at_level0 = rows.push(0, whole)
-    assert_same_nuclei(_labels(uninterrupted[0]), at_level0)
+    full = segment_instances_slide(cmu, ClassicalNuclei(), tmp_path / "full.zarr", out_downsample="full")
+    assert_same_nuclei(_labels(full.path), at_level0)  # at the slide's 0.499 um/px on request
 
 
 @pytest.mark.shared

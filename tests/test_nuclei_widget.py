@@ -15,6 +15,7 @@ import napari_nephro.models.nuclei as nuclei_models
 from conftest import require_shared
 from napari_nephro.inference import partial_path
 from napari_nephro.inference.instance_api import read_nuclei_table
+from napari_nephro.inference.plan import cells
 from napari_nephro.io import open_slide
 from napari_nephro.plugin.layers import slide_layer_data
 from napari_nephro.plugin.widgets.nuclei import NucleiWidget
@@ -120,7 +121,11 @@ def test_the_whole_slide_is_cancelled_resumed_and_shown_as_a_multiscale_layer(wi
     run_and_wait(widget, qtbot)  # Run again resumes the unfinished run
     assert out.exists(), widget.status.text()
     layer = widget.result_layer
-    assert layer.multiscale and layer.data[0].shape == widget.viewer.layers[0].data[0].shape[:2]
+    slide_layer = widget.viewer.layers[0]
+    scale = 0.5 / slide_layer.scale[-1]  # the model's grid (0.5 um/px) by default
+    height, width = slide_layer.data[0].shape[:2]
+    assert layer.multiscale and layer.data[0].shape == (cells(height, scale), cells(width, scale))
+    np.testing.assert_allclose(layer.extent.world, slide_layer.extent.world, atol=layer.scale[-1])
     table = read_nuclei_table(out)
     assert len(layer.features) == len(table) and f"{len(table):,} nuclei" in widget.status.text()
 

@@ -237,7 +237,7 @@ def test_a_whole_slide_run_cleans_objects_across_bands_exactly_as_a_region_in_me
     raw = segment_region(slide, Darkness(), objects=None)
     assert raw.array[300:304, 100:104].any() and not region.array[300:304, 100:104].any()  # specks dropped
     assert region.array[1020, 620] == 1 and raw.array[1020, 620] == 0  # the hole across the band edge filled
-    result = segment_slide(slide, Darkness(), tmp_path / "blobs.zarr")
+    result = segment_slide(slide, Darkness(), tmp_path / "blobs.zarr", out_downsample="full")  # bands of 1024 rows
     labels = np.asarray(read_label_zarr(result.path).levels[0])
     assert np.array_equal(labels, region.array)
     pieces, n = objects_of(labels)
@@ -253,18 +253,19 @@ def test_a_killed_run_with_objects_resumes_to_the_same_labels_and_summary(blob_s
     from napari_nephro.inference import output
 
     slide = open_slide(blob_slide)
-    reference = segment_slide(slide, Darkness(), tmp_path / "ref.zarr", batch_size=2)
+    full = {"out_downsample": "full", "batch_size": 2}  # killed at level-0 row 1024, across objects
+    reference = segment_slide(slide, Darkness(), tmp_path / "ref.zarr", **full)
     out = tmp_path / "run.zarr"
     model = Darkness(cancel_after=20)
     monkeypatch.setattr(output.ZarrRunStore, "flush", lambda self: None)  # killed: what was buffered is lost
-    first = segment_slide(slide, model, out, batch_size=2, cancel=model.cancelled)
+    first = segment_slide(slide, model, out, cancel=model.cancelled, **full)
     monkeypatch.undo()
     assert first.path is None and first.rows_done == 1024
     state = json.loads((first.partial / ".zattrs").read_text())["napari-nephro-run"][STATE_KEY]
     assert state["rows_done"] == 1024 and state["restart"] < 1020 - 90, "objects across row 1024 restart whole"
     with pytest.raises(SegmentError, match="different object_rules"):
-        segment_slide(slide, Darkness(objects=None), out, batch_size=2, resume=True)
-    finished = segment_slide(slide, Darkness(), out, batch_size=2, resume=True)
+        segment_slide(slide, Darkness(objects=None), out, resume=True, **full)
+    finished = segment_slide(slide, Darkness(), out, resume=True, **full)
     assert finished.path == out
     expected = np.asarray(read_label_zarr(reference.path).levels[0])
     assert np.array_equal(np.asarray(read_label_zarr(out).levels[0]), expected)
@@ -411,14 +412,15 @@ def test_no_objects_keeps_the_pixel_map_of_a_model_with_rules(tmp_path, capsys):
     (model / "config.json").write_text(json.dumps({**config, "objects": {"min_area_um2": 2000}}))
     region = ["--region", "600,1200,1000,1000", "--device", "cpu"]
     assert main(["segment", str(slide), "--model", str(model), "--out", str(tmp_path / "a.zarr"), *region]) == 0
-    cleaned = np.asarray(read_label_zarr(tmp_path / "a.zarr").levels[0])
+    pyramid = read_label_zarr(tmp_path / "a.zarr")
+    cleaned, mpp = np.asarray(pyramid.levels[0]), pyramid.mpp  # at the model's scale
     raw_args = ["segment", str(slide), "--model", str(model), "--out", str(tmp_path / "b.zarr"), "--no-objects"]
     assert main([*raw_args, *region]) == 0
     raw = np.asarray(read_label_zarr(tmp_path / "b.zarr").levels[0])
     lines = capsys.readouterr().out.splitlines()
     pieces, n = objects_of(cleaned)
     assert lines[1].startswith(found_line(n))
-    areas = np.bincount(pieces.ravel())[1:] * 0.499**2
+    areas = np.bincount(pieces.ravel())[1:] * mpp**2
     assert (areas >= 2000).all()
-    raw_areas = np.bincount(objects_of(raw)[0].ravel())[1:] * 0.499**2
+    raw_areas = np.bincount(objects_of(raw)[0].ravel())[1:] * mpp**2
     assert (raw_areas < 2000).any(), "without the rules the specks stay"

@@ -17,6 +17,7 @@ from napari_nephro.cli import main
 from napari_nephro.common.atomic import atomic_output
 from napari_nephro.inference import partial_path, segment_slide
 from napari_nephro.inference.errors import SegmentError
+from napari_nephro.inference.plan import cells
 from napari_nephro.io import open_slide
 
 
@@ -169,7 +170,9 @@ def test_a_region_left_of_or_above_the_slide_is_accepted(checkpoint, cmu, tmp_pa
     assert (
         main(["segment", str(cmu), "--model", str(checkpoint), "--out", str(out), "--region", "-100,-100,400,400"]) == 0
     )
-    assert read_label_zarr(out).levels[0].shape == open_slide(cmu).level_shapes[0]
+    labels = read_label_zarr(out)  # the whole slide's extent, at the model's scale
+    assert labels.slide_shape == open_slide(cmu).level_shapes[0]
+    assert labels.levels[0].shape == tuple(cells(n, labels.slide_downsample) for n in labels.slide_shape)
 
 
 @pytest.mark.parametrize(

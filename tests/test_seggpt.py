@@ -10,6 +10,7 @@ from conftest import require_shared, tiny_seggpt
 from napari_nephro.annotations.omezarr import read_label_zarr
 from napari_nephro.cli import main
 from napari_nephro.inference import segment_region
+from napari_nephro.inference.plan import cells
 from napari_nephro.io import open_slide
 from napari_nephro.models import ModelError
 from napari_nephro.models import seggpt as seggpt_module
@@ -184,7 +185,8 @@ def test_cli_segments_with_seggpt_and_shows_the_cost_first(seggpt_folder, cmu_pr
     assert "tissue tiles x 2 prompts" in err and "'segmental sclerosis' has no example" in err
     labels = read_label_zarr(out)
     assert labels.classes == {1: "normal", 2: "segmental sclerosis", 3: "global sclerosis"}
-    assert labels.levels[0].shape == (2967, 2220)
+    assert labels.slide_shape == (2967, 2220)  # the whole slide, at the prompts' scale
+    assert labels.levels[0].shape == tuple(cells(n, labels.slide_downsample) for n in labels.slide_shape)
 
 
 def test_cli_seggpt_mistakes(seggpt_folder, cmu_prompts, tmp_path, capsys):

@@ -11,6 +11,7 @@ from conftest import require_shared
 from napari_nephro.annotations.omezarr import read_label_zarr
 from napari_nephro.cli import main
 from napari_nephro.inference import partial_path, segment_region
+from napari_nephro.inference.plan import cells
 from napari_nephro.io import open_slide
 from napari_nephro.models import TorchSegmenter, build_network, save_checkpoint
 from test_models import small_config
@@ -28,13 +29,22 @@ def test_whole_slide_run_on_a_real_slide_has_its_shape_and_scale(checkpoint, tmp
     slide_path = require_shared("wsi", "CMU-1-Small-Region.svs")
     out = tmp_path / "cmu.zarr"
     assert main(["segment", str(slide_path), "--model", str(checkpoint), "--out", str(out), "--device", "cpu"]) == 0
-    assert str(out) in capsys.readouterr().out
+    assert f"{out} at 1 um/px" in capsys.readouterr().out  # the model's scale, by default
     slide = open_slide(slide_path)
     labels = read_label_zarr(out)
-    assert labels.levels[0].shape == slide.level_shapes[0]
-    assert labels.mpp == pytest.approx(slide.mpp) and labels.classes == {1: "glomerulus"}
+    scale = 1.0 / slide.mpp
+    assert labels.levels[0].shape == tuple(cells(n, scale) for n in slide.level_shapes[0])
+    assert labels.mpp == pytest.approx(1.0) and labels.classes == {1: "glomerulus"}
+    assert labels.slide_shape == slide.level_shapes[0] and labels.slide_downsample == pytest.approx(scale)
     assert set(np.unique(np.asarray(labels.levels[-1]))) <= {0, 1}
     assert not partial_path(out).exists()
+
+    full = tmp_path / "full.zarr"
+    argv = ["segment", str(slide_path), "--model", str(checkpoint), "--out", str(full), "--out-scale", "full"]
+    assert main(argv) == 0
+    assert f"{full} at 0.499 um/px" in capsys.readouterr().out
+    labels = read_label_zarr(full)
+    assert labels.levels[0].shape == slide.level_shapes[0] and labels.mpp == pytest.approx(slide.mpp)
 
 
 def test_ctrl_c_keeps_a_partial_run_that_resume_finishes(checkpoint, tmp_path, capsys, monkeypatch):
@@ -55,7 +65,7 @@ def test_ctrl_c_keeps_a_partial_run_that_resume_finishes(checkpoint, tmp_path, c
     assert main(args) == 130
     assert "--resume" in capsys.readouterr().err
     assert not out.exists() and partial_path(out).exists()
-    assert read_label_zarr(partial_path(out)).levels[0].shape == open_slide(slide_path).level_shapes[0]
+    assert read_label_zarr(partial_path(out)).slide_shape == open_slide(slide_path).level_shapes[0]
 
     assert main(args) == 2
     assert "unfinished run" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from qtpy.QtWidgets import QApplication
 from napari_nephro.cli import main
 from napari_nephro.inference import partial_path
 from napari_nephro.inference.objects import ObjectRules
+from napari_nephro.inference.plan import cells
 from napari_nephro.inference.summary import ObjectSummary, summarize
 from napari_nephro.io import open_slide
 from napari_nephro.plugin.layers import slide_layer_data
@@ -107,7 +108,22 @@ def test_whole_slide_gives_a_multiscale_layer_and_cancel_then_resume(widget, qtb
     run_and_wait(widget, qtbot)
     layer = widget.result_layer
     assert layer is not None and out.exists() and not partial_path(out).exists(), widget.status.text()
-    assert layer.multiscale and layer.data[0].shape == SAMPLE_SHAPE
+    # at the model's scale (1 um/px) by default, over the slide's whole extent in um
+    scale = 1.0 / SAMPLE_MPP
+    assert layer.multiscale and layer.data[0].shape == tuple(cells(n, scale) for n in SAMPLE_SHAPE)
+    slide_layer = widget.viewer.layers[0]
+    np.testing.assert_allclose(layer.scale, np.asarray(slide_layer.scale) * scale)
+    np.testing.assert_allclose(layer.extent.world, slide_layer.extent.world, atol=layer.scale[-1])
+
+
+def test_whole_slide_at_full_resolution_when_asked(widget, qtbot, tmp_path):
+    out = tmp_path / "full.zarr"
+    widget.where_combo.setCurrentText("whole slide")
+    widget.out_edit.setText(str(out))
+    widget.full_check.setChecked(True)
+    run_and_wait(widget, qtbot)
+    layer = widget.result_layer
+    assert layer is not None and layer.data[0].shape == SAMPLE_SHAPE, widget.status.text()
     np.testing.assert_allclose(layer.scale, widget.viewer.layers[0].scale)
 
 

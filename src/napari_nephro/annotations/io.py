@@ -15,9 +15,9 @@ from .coco import coco_from_data
 from .errors import AnnotationError
 from .geojson import geojson_from_data
 from .imagescope import read_xml_annotations
-from .labeltiff import description_info
+from .labeltiff import description_info, read_label_tiff_run
 from .model import AnnotationSet
-from .omezarr import read_label_zarr, refuse_unfinished
+from .omezarr import read_label_zarr, refuse_unfinished, run_grid
 from .raster import vectorize, vectorize_tiled
 
 LABEL_IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
@@ -39,13 +39,15 @@ class LabelFile:
     labels: Any  # 2-D numpy array, or a lazy dask array for OME-Zarr
     classes: dict[int, str] = field(default_factory=dict)
     mpp: float | None = None
+    downsample: float = 1.0  # slide level-0 pixels per pixel (a segmentation written at the model's scale)
+    slide_shape: tuple[int, int] | None = None  # the slide's level-0 (height, width), when the file records it
 
     def annotations(self) -> AnnotationSet:
-        """One polygon per label value; tile by tile for lazy (whole-slide) arrays."""
+        """One polygon per label value, in the slide's level-0 pixels; tile by tile for lazy (whole-slide) arrays."""
         if hasattr(self.labels, "compute"):
-            return vectorize_tiled(self.labels, classes=self.classes)
+            return vectorize_tiled(self.labels, classes=self.classes, downsample=self.downsample)
         names = list(dict.fromkeys(self.classes.values())) or None
-        return vectorize(self.labels, classes=self.classes or None, class_names=names)
+        return vectorize(self.labels, classes=self.classes or None, class_names=names, downsample=self.downsample)
 
 
 def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
@@ -59,20 +61,21 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
     if path.suffix.lower() == ".zarr":
         pyramid = read_label_zarr(path)
         refuse_unfinished(pyramid, path)  # half a slide is no result
-        return LabelFile(pyramid.levels[0], pyramid.classes, pyramid.mpp)
-    info = None
+        return LabelFile(pyramid.levels[0], pyramid.classes, pyramid.mpp, pyramid.slide_downsample, pyramid.slide_shape)
+    info, grid = None, (1.0, None)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
                 array = tif.asarray()
                 info = description_info(tif.pages[0].description)
+            grid = run_grid(read_label_tiff_run(path))
         else:
             with Image.open(path) as im:
                 array = np.asarray(im)
     except (tifffile.TiffFileError, UnidentifiedImageError, OSError, ValueError) as exc:
         raise AnnotationError(path, f"not a readable label image ({exc})") from None
     classes, mpp = info or ({}, None)
-    return LabelFile(_instances(array, path), classes, mpp)
+    return LabelFile(_instances(array, path), classes, mpp, *grid)
 
 
 def read_label_image(path: str | os.PathLike[str]) -> np.ndarray:

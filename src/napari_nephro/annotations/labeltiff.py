@@ -29,8 +29,12 @@ def write_label_tiff(
     smallest: int = 512,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    run: dict | None = None,
 ) -> Path:
-    """Write `source` tile by tile to a temporary file, renamed into place when complete."""
+    """Write `source` tile by tile to a temporary file, renamed into place when complete.
+
+    `run`: the record of the segmentation run that made it (its slide's shape and
+    the output's scale), kept in the description so readers place it on the slide."""
     import tifffile
 
     path = Path(path)
@@ -42,7 +46,10 @@ def write_label_tiff(
             yield source.tile(d, y, x, h, w)
             progress.tick()
 
-    description = {DESCRIPTION_KEY: {"classes": {str(k): v for k, v in source.classes.items()}, "mpp": mpp}}
+    info = {"classes": {str(k): v for k, v in source.classes.items()}, "mpp": mpp}
+    if run is not None:
+        info["run"] = run
+    description = {DESCRIPTION_KEY: info}
     options = {"tile": (tile, tile), "compression": "zlib", "metadata": None, "dtype": source.dtype}
     with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(source, levels)) as tw:
         for index, (d, shape) in enumerate(levels):
@@ -94,13 +101,23 @@ def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], 
     return (description_info(description) if description is not None else None) or ({}, None)
 
 
+def read_label_tiff_run(path: str | os.PathLike[str]) -> dict | None:
+    """The run record `write_label_tiff(..., run=)` kept, or None."""
+    description = _description(path)
+    try:
+        run = json.loads(description)[DESCRIPTION_KEY].get("run")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
 def read_label_tiff_pyramid(path: str | os.PathLike[str]):
     """The levels of a label TIFF as lazy dask arrays, with its classes and pixel size."""
     import dask.array as da
     import tifffile
     import zarr
 
-    from .omezarr import LabelPyramid
+    from .omezarr import LabelPyramid, run_grid
 
     classes, mpp = read_label_tiff_info(path)
     try:
@@ -111,4 +128,7 @@ def read_label_tiff_pyramid(path: str | os.PathLike[str]):
     arrays = [group] if isinstance(group, zarr.Array) else [group[k] for k in sorted(group.array_keys(), key=int)]
     levels = [da.from_zarr(a) for a in arrays]
     downsamples = [levels[0].shape[-1] / level.shape[-1] for level in levels]
-    return LabelPyramid(levels, downsamples, mpp, classes, Path(path).stem)
+    run = read_label_tiff_run(path)
+    pyramid = LabelPyramid(levels, downsamples, mpp, classes, Path(path).stem)
+    pyramid.slide_downsample, pyramid.slide_shape = run_grid(run)
+    return pyramid

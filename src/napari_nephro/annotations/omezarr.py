@@ -36,6 +36,8 @@ class LabelPyramid:
     classes: dict[int, str] = field(default_factory=dict)
     name: str = "labels"
     run: dict | None = None  # the record of the `nephro segment` run that wrote it, if one did
+    slide_downsample: float = 1.0  # slide level-0 pixels per pixel of level 0 here (>1: a run at the model's scale)
+    slide_shape: tuple[int, int] | None = None  # the slide's level-0 (height, width), when the file records it
 
     def unfinished(self) -> str | None:
         """Why this is not a result yet (a run that stopped part way), or None for a finished image."""
@@ -164,7 +166,21 @@ def read_label_zarr(path: str | os.PathLike[str]) -> LabelPyramid:
     properties = attrs.get("image-label", {}).get("properties", [])
     classes = {int(p["label-value"]): str(p["class"]) for p in properties if "class" in p and "label-value" in p}
     run = attrs.get(RUN_KEY) if isinstance(attrs.get(RUN_KEY), dict) else None
-    return LabelPyramid(levels, downsamples, mpp, classes, multiscale.get("name") or path.stem, run)
+    pyramid = LabelPyramid(levels, downsamples, mpp, classes, multiscale.get("name") or path.stem, run)
+    pyramid.slide_downsample, pyramid.slide_shape = run_grid(run)
+    return pyramid
+
+
+def run_grid(record: dict | None) -> tuple[float, tuple[int, int] | None]:
+    """(slide level-0 pixels per output pixel, the slide's level-0 shape) from a run record; (1, None) without."""
+    try:
+        downsample = float(record["plan"]["out_downsample"])
+        shape = tuple(int(n) for n in record["slide_shape"])
+    except (KeyError, TypeError, ValueError):
+        return 1.0, None
+    if not (downsample > 0 and np.isfinite(downsample)) or len(shape) != 2:
+        return 1.0, None
+    return downsample, shape
 
 
 def _ngff(attrs: dict) -> dict:

@@ -19,7 +19,7 @@ from .errors import SegmentError
 from .object_sink import CAP_ROWS, STATE_KEY, ObjectSink
 from .objects import ObjectRules, clean_with_summary
 from .output import ArraySink, ZarrRunStore, check_output, finish, partial_path
-from .plan import Plan, cells, make_plan, slide_mpp
+from .plan import WORKING, Plan, cells, make_plan, output_mpp, slide_mpp
 from .summary import ObjectSummary, summarize
 
 MAX_REGION_BYTES = 2 * 1024**3  # a region result beyond this goes to a file instead
@@ -48,6 +48,8 @@ class SlideResult:
     rows: int
     stats: RunStats
     summary: ObjectSummary | None = None  # what was found; None until the run is complete
+    out_downsample: float | None = None  # level-0 pixels per output pixel; None when nothing was run
+    mpp: float | None = None  # micrometres per output pixel
 
 
 def classes_of(segmenter) -> dict[int, str]:
@@ -59,12 +61,14 @@ def plan_run(
     slide: Slide,
     segmenter,
     region: tuple[float, float, float, float] | None = None,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = 1.0,
     tile: int | None = None,
     overlap: int | None = None,
     skip_background: bool = True,
 ) -> Plan:
-    """The tiles a run would compute (`len(plan.tiles) - plan.skipped` hold tissue): for estimates before a run."""
+    """The tiles a run would compute (`len(plan.tiles) - plan.skipped` hold tissue): for estimates before a run.
+
+    `out_downsample`: level-0 pixels per output pixel, or WORKING / FULL (see `resolve_downsample`)."""
     return make_plan(
         slide,
         model_mpp=float(segmenter.mpp),
@@ -81,7 +85,7 @@ def segment_region(
     segmenter,
     region: tuple[float, float, float, float] | None = None,
     *,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = 1.0,
     threshold: float = 0.5,
     probabilities: bool = False,
     tile: int | None = None,
@@ -115,7 +119,7 @@ def segment_region(
     stats = run_tiles(
         slide, segmenter, plan, sink, batch_size=batch_size, readers=readers, progress=progress, cancel=cancel
     )
-    mpp = slide_mpp(slide) * plan.out_downsample
+    mpp = output_mpp(slide_mpp(slide), plan.out_downsample)
     classes, array, summary = classes_of(segmenter), sink.array, None
     if stats.complete and not probabilities:
         if rules is not None:
@@ -150,7 +154,7 @@ def segment_slide(
     out: str | os.PathLike[str],
     *,
     region: tuple[float, float, float, float] | None = None,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = WORKING,
     threshold: float = 0.5,
     tile: int | None = None,
     overlap: int | None = None,
@@ -166,7 +170,10 @@ def segment_slide(
     """Run `segmenter` over the slide (or `region` of it) into `out`: .zarr, .tif or .geojson.
 
     The label image always has the whole slide's extent at `out_downsample`, so it
-    overlays the slide in any viewer; a region only limits what is computed. Rows
+    overlays the slide in any viewer; a region only limits what is computed. By
+    default (WORKING) it is on the model's own grid, its pixel size in the file's
+    metadata: at 0.25 um/px full resolution (FULL) writes 16 pixels per pixel the
+    model saw, which cost more than the model. Rows
     go to `<out>.partial.zarr` as they finish; cancelled or killed, the run keeps
     them and `resume=True` computes only the rest. `objects`: as for `segment_region`,
     applied as rows pass (`ObjectSink`); a resume must use the same rules.
@@ -208,6 +215,7 @@ def _run_into_store(
     cancel: Callable[[], bool] | None,
 ) -> SlideResult:
     mpp = slide_mpp(slide)
+    out_mpp = output_mpp(mpp, plan.out_downsample)  # um per output pixel
     classes = classes_of(segmenter)
     identity = _json(
         {
@@ -240,12 +248,12 @@ def _run_into_store(
             "name": f"{Path(slide.source).stem} {', '.join(segmenter.classes)}",
         }
         try:
-            store = ZarrRunStore.create(partial, full, offset, record, threshold, mpp=mpp * d)
+            store = ZarrRunStore.create(partial, full, offset, record, threshold, mpp=out_mpp)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # a disk full or Ctrl-C while laying it out
             raise
     rows = plan.out_shape[0]
-    sink = ObjectSink(store, rules, mpp * plan.out_downsample, rows, classes=classes, state=store.record.get(STATE_KEY))
+    sink = ObjectSink(store, rules, out_mpp, rows, classes=classes, state=store.record.get(STATE_KEY))
     store.extra_record = lambda done: {STATE_KEY: sink.state(done)}
     try:
         stats = run_tiles(
@@ -256,12 +264,12 @@ def _run_into_store(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if store.rows_done < rows:
-        return SlideResult(None, partial, store.rows_done, rows, stats)
+        return SlideResult(None, partial, store.rows_done, rows, stats, None, plan.out_downsample, out_mpp)
     summary = sink.summary()
     _describe_place(summary, slide, plan)
     store.record.pop(STATE_KEY, None)  # only a partial run needs it
-    path = finish(store, out, mpp=mpp * plan.out_downsample, classes=classes, overwrite=overwrite)
-    return SlideResult(path, partial, rows, rows, stats, summary)
+    path = finish(store, out, mpp=out_mpp, classes=classes, overwrite=overwrite)
+    return SlideResult(path, partial, rows, rows, stats, summary, plan.out_downsample, out_mpp)
 
 
 def _device_name(segmenter) -> str:

@@ -46,12 +46,44 @@ class Progress:
 
 @dataclass
 class RunStats:
+    """What a run did and where its time went (seconds; the stages overlap in threads, so they need not add up)."""
+
     tiles: int  # in the plan
     skipped: int  # glass, never sent to the model
     predicted: int  # sent to the model in this call
     seconds: float
     model_seconds: float  # inside `predict`
     complete: bool
+    read_seconds: float = 0.0  # decoding and resampling tiles, summed over the reader threads
+    wait_seconds: float = 0.0  # the model's thread waiting for tiles: reading the model did not hide
+    stitch_seconds: float = 0.0  # blending tiles, resampling rows to the output grid, class ids
+    write_seconds: float = 0.0  # the sink: object rules, compression, disk
+    tail_seconds: float = 0.0  # after the last batch: stitching and writing still to finish
+
+    def shares(self) -> dict[str, float]:
+        """Each stage's time as a share of the run's: what a benchmark prints."""
+        total = self.seconds or 1.0
+        parts = {
+            "read": self.read_seconds,
+            "wait": self.wait_seconds,
+            "model": self.model_seconds,
+            "stitch": self.stitch_seconds,
+            "write": self.write_seconds,
+            "tail": self.tail_seconds,
+        }
+        return {k: v / total for k, v in parts.items()}
+
+
+class StageClock:
+    """Seconds summed over the threads of one stage (a lock per addition: a few per tile, nothing to the run)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
 
 
 class _Stop(Exception):
@@ -89,8 +121,10 @@ def run_tiles(
     counter.add(sum(not t.tissue for t in todo))  # glass is done as soon as it is known to be glass
     model_seconds, predicted = 0.0, 0
     kept = [t for t in todo if t.tissue]
-    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel)
+    reading, waiting = StageClock(), StageClock()
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks=(reading, waiting))
     writer.start()
+    ended = None
     try:
         for batch, pixels in batches:
             t0 = time.perf_counter()
@@ -101,12 +135,26 @@ def run_tiles(
             counter.add(len(batch))
     finally:
         batches.close()  # tiles read ahead of a stop are dropped
+        ended = time.perf_counter()
         try:
             writer.close()  # stitches what was handed over, with the pool's help
         finally:
             pool.shutdown(cancel_futures=True)
     complete = predicted == len(kept)
-    return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+    now = time.perf_counter()
+    return RunStats(
+        len(plan.tiles),
+        plan.skipped,
+        predicted,
+        now - started,
+        model_seconds,
+        complete,
+        read_seconds=reading.seconds,
+        wait_seconds=waiting.seconds,
+        stitch_seconds=writer.seconds,
+        write_seconds=writer.sink_seconds,
+        tail_seconds=now - ended,
+    )
 
 
 def read_ahead(
@@ -116,12 +164,15 @@ def read_ahead(
     batch_size: int,
     pool: ThreadPoolExecutor,
     cancel: Callable[[], bool] | None,
+    clocks: tuple[StageClock, StageClock] | None = None,
 ) -> Generator[tuple[list[GridTile], np.ndarray], None, None]:
     """Batches of `tiles` and their pixels, in order, read by `pool` PREFETCH_BATCHES batches ahead of the model.
 
     Stops early when `cancel()` says so (checked before each batch); closing the
     generator drops what was read ahead. Both engines feed their models from it.
+    `clocks`: (reading, waiting) add the readers' seconds and the caller's wait for them.
     """
+    reading, waiting = clocks or (StageClock(), StageClock())
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     pending: deque[tuple[list[GridTile], list[Future]]] = deque()
     next_batch = 0
@@ -129,12 +180,15 @@ def read_ahead(
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
                 batch = batches[next_batch]
-                pending.append((batch, [pool.submit(_read, slide, plan, t) for t in batch]))
+                pending.append((batch, [pool.submit(_timed_read, slide, plan, t, reading) for t in batch]))
                 next_batch += 1
             if cancel is not None and cancel():
                 return
             batch, futures = pending.popleft()
-            yield batch, np.stack([f.result() for f in futures])
+            t0 = time.perf_counter()
+            pixels = np.stack([f.result() for f in futures])
+            waiting.add(time.perf_counter() - t0)
+            yield batch, pixels
     finally:
         for _, futures in pending:
             for f in futures:
@@ -215,6 +269,14 @@ def channels_of(segmenter) -> int:
 
 def _read(slide: Slide, plan: Plan, tile: GridTile) -> np.ndarray:
     return read_scaled(slide, plan.level0_box(tile), (plan.tile, plan.tile))
+
+
+def _timed_read(slide: Slide, plan: Plan, tile: GridTile, clock: StageClock) -> np.ndarray:
+    t0 = time.perf_counter()
+    try:
+        return _read(slide, plan, tile)
+    finally:
+        clock.add(time.perf_counter() - t0)
 
 
 def _predict(segmenter, pixels: np.ndarray) -> np.ndarray:
@@ -323,6 +385,11 @@ class _Writer(_Stage):
         self.tiles, self.row_starts = list(tiles), row_starts
         self._next = 0  # index in self.tiles of the next tile to stitch
         self._sink_thread = _SinkThread(sink)
+        self.seconds = 0.0  # blending, resampling and class ids, not the waits for the sink thread
+
+    @property
+    def sink_seconds(self) -> float:
+        return self._sink_thread.seconds
 
     def run(self) -> None:
         self._sink_thread.start()
@@ -332,7 +399,9 @@ class _Writer(_Stage):
         batch, probs = item
         for tile, p in zip(batch, probs, strict=True):
             self._advance(until=tile)
+            t0 = time.perf_counter()
             self.stitcher.add(tile.y, tile.x, p)
+            self.seconds += time.perf_counter() - t0
             self._next += 1
 
     def finish(self, failed: bool) -> None:
@@ -356,9 +425,16 @@ class _Writer(_Stage):
             self.row_starts[self.tiles[self._next].row] if more else self.stitcher.height, self.stitcher.height
         )
         while finished > self.stitcher.top:  # a tile's height at a time: rows of glass below can be many
+            t0 = time.perf_counter()
             start, rows = self.stitcher.release(min(finished, self.stitcher.top + self.stitcher.tile))
-            for y, out in self.resampler.push(start, rows):
-                self._sink_thread.put((y, self.sink.prepare(out)))  # class ids are 4x smaller than floats
+            blocks = self.resampler.push(start, rows)
+            while (block := next(blocks, None)) is not None:
+                y, out = block
+                prepared = self.sink.prepare(out)  # class ids are 4x smaller than floats
+                self.seconds += time.perf_counter() - t0
+                self._sink_thread.put((y, prepared))
+                t0 = time.perf_counter()
+            self.seconds += time.perf_counter() - t0
 
 
 class _SinkThread(_Stage):
@@ -367,9 +443,16 @@ class _SinkThread(_Stage):
     def __init__(self, sink: Sink) -> None:
         super().__init__("nephro-sink", 2)
         self.sink = sink
+        self.seconds = 0.0
 
     def handle(self, item) -> None:
+        t0 = time.perf_counter()
         self.sink.write(*item)
+        self.seconds += time.perf_counter() - t0
 
     def finish(self, failed: bool) -> None:
-        self.sink.flush()
+        t0 = time.perf_counter()
+        try:
+            self.sink.flush()
+        finally:
+            self.seconds += time.perf_counter() - t0

@@ -27,7 +27,7 @@ from .instance_output import (
     finish_instances,
 )
 from .output import ZarrRunStore, check_output, partial_path
-from .plan import Plan, cells, slide_mpp
+from .plan import WORKING, Plan, cells, output_mpp, slide_mpp
 
 
 @dataclass
@@ -89,6 +89,8 @@ class InstanceSlideResult:
     rows: int
     stats: RunStats
     summary: NucleiSummary | None = None
+    out_downsample: float | None = None  # level-0 pixels per pixel of the id image; None when nothing was run
+    mpp: float | None = None  # micrometres per pixel of the id image (the table is in level-0 px and um)
 
 
 def _summary(classes: list[str], names: list[str], areas: np.ndarray, plan: Plan, mpp: float) -> NucleiSummary:
@@ -141,7 +143,7 @@ def segment_instances_region(
     segmenter,
     region: tuple[float, float, float, float] | None = None,
     *,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = 1.0,
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
@@ -182,7 +184,14 @@ def segment_instances_region(
         names = [class_name(classes, n.cls) for n in sink.nuclei]
         summary = _summary(classes, names, np.array([n.area_um2 for n in sink.nuclei]), plan, mpp)
     return InstanceRegionResult(
-        sink.array, sink.nuclei, plan.region, plan.out_downsample, mpp * plan.out_downsample, classes, stats, summary
+        sink.array,
+        sink.nuclei,
+        plan.region,
+        plan.out_downsample,
+        output_mpp(mpp, plan.out_downsample),
+        classes,
+        stats,
+        summary,
     )
 
 
@@ -192,7 +201,7 @@ def segment_instances_slide(
     out: str | os.PathLike[str],
     *,
     region: tuple[float, float, float, float] | None = None,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = WORKING,
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int = 4,
@@ -205,6 +214,9 @@ def segment_instances_slide(
 ) -> InstanceSlideResult:
     """Nuclei of the slide (or `region`) into `out`: .zarr (uint32 ids, table inside), .csv, .parquet, .geojson.
 
+    The id image is at the model's working scale unless `out_downsample` says otherwise
+    (FULL: level 0); the table's centroids and areas are measured on the working grid
+    in level-0 pixels and um² whatever the image's scale.
     Rows go to `<out>.partial.zarr` band by band with the table beside them;
     cancelled or killed, `resume=True` computes only the rest and gives the same
     nuclei, with the same ids, as an uninterrupted run.
@@ -263,7 +275,7 @@ def _run(slide, segmenter, plan, out, batch_size, readers, resume, progress, can
             "name": f"{Path(slide.source).stem} {segmenter.classes[0] if len(classes) == 1 else 'objects'}",
         }
         try:
-            store = ZarrRunStore.create(partial, full, offset, record, 0.5, mpp=mpp * d, dtype=np.uint32)
+            store = ZarrRunStore.create(partial, full, offset, record, 0.5, mpp=output_mpp(mpp, d), dtype=np.uint32)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -287,11 +299,12 @@ def _run(slide, segmenter, plan, out, batch_size, readers, resume, progress, can
             shutil.rmtree(partial, ignore_errors=True)
         raise
     sink.close()
+    d = plan.out_downsample
     if store.rows_done < rows:
-        return InstanceSlideResult(None, partial, store.rows_done, rows, stats)
+        return InstanceSlideResult(None, partial, store.rows_done, rows, stats, None, d, output_mpp(mpp, d))
     summary = _table_summary(store.path / TABLE, classes, plan, mpp)
     path = finish_instances(store, out)
-    return InstanceSlideResult(path, partial, rows, rows, stats, summary)
+    return InstanceSlideResult(path, partial, rows, rows, stats, summary, d, output_mpp(mpp, d))
 
 
 def _table_summary(table: Path, classes: list[str], plan: Plan, mpp: float) -> NucleiSummary:

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from ..io import Slide
 from ..models.instances import TileInstances
-from .engine import PREFETCH_BATCHES, Progress, RunStats, _Counter, _Stage, default_readers, read_ahead
+from .engine import PREFETCH_BATCHES, Progress, RunStats, StageClock, _Counter, _Stage, default_readers, read_ahead
 from .errors import SegmentError
 from .plan import GridTile, Plan, slide_mpp
 
@@ -250,9 +250,11 @@ def run_instance_tiles(
     counter.add(sum(not t.tissue for t in todo))
     kept = [t for t in todo if t.tissue]
     pool = ThreadPoolExecutor(readers, thread_name_prefix="nephro-read")
-    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel)
+    reading, waiting = StageClock(), StageClock()
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks=(reading, waiting))
     model_seconds, predicted = 0.0, 0
     writer.start()
+    ended = None
     try:
         for batch, pixels in batches:
             t0 = time.perf_counter()
@@ -265,12 +267,26 @@ def run_instance_tiles(
             counter.add(len(batch))
     finally:
         batches.close()
+        ended = time.perf_counter()
         try:
             writer.close()
         finally:
             pool.shutdown(cancel_futures=True)
     complete = predicted == len(kept)
-    return RunStats(len(plan.tiles), plan.skipped, predicted, time.perf_counter() - started, model_seconds, complete)
+    now = time.perf_counter()
+    return RunStats(
+        len(plan.tiles),
+        plan.skipped,
+        predicted,
+        now - started,
+        model_seconds,
+        complete,
+        read_seconds=reading.seconds,
+        wait_seconds=waiting.seconds,
+        stitch_seconds=max(0.0, writer.seconds - writer.write_seconds),
+        write_seconds=writer.write_seconds,
+        tail_seconds=now - ended,
+    )
 
 
 class _InstanceWriter(_Stage):
@@ -285,20 +301,28 @@ class _InstanceWriter(_Stage):
         self.work_um2 = (mpp * plan.scale) ** 2
         self._next = 0  # index in self.tiles of the next tile to handle
         self._row = -1  # tile row last begun
+        self.seconds = 0.0  # all this thread's work
+        self.write_seconds = 0.0  # of which handing rows and objects to the sink
 
     def handle(self, item) -> None:
+        t0 = time.perf_counter()
         batch, found = item
         for tile, result in zip(batch, found, strict=True):
             self._advance(until=tile)
             self._keep(tile, result)
             self._next += 1
+        self.seconds += time.perf_counter() - t0
 
     def finish(self, failed: bool) -> None:
+        t0 = time.perf_counter()
         try:
             if not failed:
                 self._advance()
         finally:
+            t1 = time.perf_counter()
             self.sink.flush()
+            self.write_seconds += time.perf_counter() - t1
+            self.seconds += time.perf_counter() - t0
 
     def _advance(self, until: GridTile | None = None) -> None:
         """Pass glass tiles up to `until` (at the end: up to the first tile never predicted), beginning rows as
@@ -328,7 +352,9 @@ class _InstanceWriter(_Stage):
         if len(released):
             out = self.rows.push(start, released)
             if out is not None:
+                t0 = time.perf_counter()
                 self.sink.write(*out)
+                self.write_seconds += time.perf_counter() - t0
 
     def _keep(self, tile: GridTile, found: TileInstances) -> None:
         local, cy, cx, count = owned(found, tile, self.cores.of(tile))
@@ -363,7 +389,9 @@ class _InstanceWriter(_Stage):
             )
             for i, k, y, x, n, shape in zip(ids, local, cy, cx, count, shapes, strict=True)
         ]
+        t0 = time.perf_counter()
         self.sink.add(nuclei)
+        self.write_seconds += time.perf_counter() - t0
         self.next_id += local.size
 
     def _outlines(self, tile: GridTile, labels: np.ndarray, local: np.ndarray) -> list:

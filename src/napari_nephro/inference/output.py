@@ -178,6 +178,29 @@ class _LevelWriter:
         self.held = 0
 
 
+def _centre_pixels(metadata: dict, record: dict) -> None:
+    """Add each level's NGFF translation: a pixel of d level-0 pixels has its centre (d - 1) / 2 of them
+    from the slide's first pixel centre, so a coarse output lies exactly over the slide in any NGFF viewer."""
+    try:
+        d, slide_mpp = float(record["plan"]["out_downsample"]), float(record["slide_mpp"])
+    except (KeyError, TypeError, ValueError):
+        return  # not a run's record: scales only, as before
+    for dataset, factor in zip(metadata["multiscales"][0]["datasets"], record["levels"], strict=True):
+        shift = (d * factor - 1) / 2 * slide_mpp
+        if shift:
+            dataset["coordinateTransformations"].append({"type": "translation", "translation": [shift, shift]})
+
+
+RUN_FIELDS = ("slide", "slide_shape", "slide_mpp", "model", "plan")  # what a label TIFF keeps of its run
+
+
+def _writable(array):
+    """`array` writing every chunk it is given: zarr's test of each chunk against the fill value took 3x the
+    time of compressing and writing it (zarr 3.1), and an empty chunk of class ids compresses to a few bytes."""
+    with_config = getattr(array, "with_config", None)
+    return with_config({"write_empty_chunks": True}) if with_config is not None else array
+
+
 class ZarrRunStore:
     """A run's label pyramid, written in whole chunk rows as bands arrive, with its progress recorded.
 
@@ -195,7 +218,9 @@ class ZarrRunStore:
         self.rows_done = int(record["rows_done"])
         start = self.offset[0] + self.rows_done  # absolute level-0 row to continue from
         factors = record["levels"]
-        self.levels = [_LevelWriter(group[str(k)], f, -(-start // f), self.offset[1]) for k, f in enumerate(factors)]
+        self.levels = [
+            _LevelWriter(_writable(group[str(k)]), f, -(-start // f), self.offset[1]) for k, f in enumerate(factors)
+        ]
         self._catch_up(record.get("levels_done", [-(-start // f) for f in factors]), start)
 
     @classmethod
@@ -236,7 +261,9 @@ class ZarrRunStore:
             array.attrs["_ARRAY_DIMENSIONS"] = ["y", "x"]
         record = {**record, "offset": list(offset), "levels": factors, "rows_done": 0, "complete": False}
         classes = {int(k): v for k, v in record["classes"].items()}
-        group.attrs.update({**ngff_metadata(record["name"], factors, mpp, classes), RUN_KEY: record})
+        metadata = ngff_metadata(record["name"], factors, mpp, classes)
+        _centre_pixels(metadata, record)
+        group.attrs.update({**metadata, RUN_KEY: record})
         return cls(path, group, record, threshold)
 
     @classmethod
@@ -313,7 +340,8 @@ def finish(store: ZarrRunStore, out: Path, *, mpp: float | None, classes: dict[i
 
     level0 = da.from_zarr(store.array)
     if suffix in (".tif", ".tiff"):
-        write_label_tiff(ArrayLabels(level0, classes), out, mpp=mpp, overwrite=overwrite)
+        run = {k: store.record[k] for k in RUN_FIELDS if k in store.record}  # its scale on the slide
+        write_label_tiff(ArrayLabels(level0, classes), out, mpp=mpp, overwrite=overwrite, run=run)
     else:
         objects = class_objects(level0, classes, store.record["plan"]["out_downsample"])
         write_geojson(objects, out, overwrite=overwrite)
@@ -322,7 +350,10 @@ def finish(store: ZarrRunStore, out: Path, *, mpp: float | None, classes: dict[i
 
 
 def class_objects(labels, classes: dict[int, str], downsample: float = 1.0):
-    """A class-id label image (numpy, dask or zarr) as one detection per connected piece of each class."""
+    """A class-id label image (numpy, dask or zarr) as one detection per connected piece of each class.
+
+    `downsample`: slide level-0 pixels per label pixel, so the outlines (and `area_px`) are in level-0
+    pixels whatever scale the labels were written at."""
     import shapely
 
     from ..annotations import AnnotationSet

@@ -2,8 +2,9 @@
 
 Three grids are involved. Level 0 is the slide's own. The working grid is the
 model's (its mpp): tiles are laid on it in whole pixels, so stitching is exact
-integer arithmetic. The output grid is what the user gets, by default level 0,
-so a mask has the slide's shape and scale whatever the model's mpp.
+integer arithmetic. The output grid is what the user gets: for a whole-slide file
+by default the working grid itself ("working"), since writing 16 level-0 pixels
+per working pixel at 0.25 um/px cost more than the model; "full" is level 0.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..tiling import GridError, read_scaled, tile_grid, tissue_mask
 from .errors import SegmentError
 
 THUMBNAIL_SIDE = 2048  # the tissue map is read at most this large, from a coarse level
+WORKING, FULL = "working", "full"  # output scales by name: the model's grid, the slide's level 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,30 @@ def cells(length: int, step: float) -> int:
     return max(1, math.ceil(length / step - 1e-6))
 
 
+def resolve_downsample(out_downsample: float | str, scale: float) -> float:
+    """Level-0 pixels per output pixel for `out_downsample`: a number, "full" (1) or "working" (`scale`).
+
+    "working" is the working grid exactly (so the engine copies rows instead of
+    resampling them), but never finer than level 0: a model finer than the slide
+    writes full resolution.
+    """
+    if isinstance(out_downsample, str):
+        if out_downsample == WORKING:
+            return max(1.0, float(scale))
+        if out_downsample == FULL:
+            return 1.0
+        raise SegmentError(f"the output scale must be {WORKING!r}, {FULL!r} or a number, not {out_downsample!r}")
+    d = float(out_downsample)
+    if not math.isfinite(d) or d <= 0:
+        raise SegmentError(f"out_downsample must be a positive number, not {out_downsample}")
+    return d
+
+
+def output_mpp(slide_mpp: float, downsample: float) -> float:
+    """Micrometres per output pixel, without the last bit of float noise (0.499 * (1 / 0.499) is 1, not 0.99999...)."""
+    return float(f"{slide_mpp * downsample:.12g}")
+
+
 def check_region(slide: Slide, region: tuple[float, float, float, float] | None) -> tuple[int, int, int, int]:
     """The region in whole level-0 pixels, clipped to the slide; one nowhere on it is an error."""
     height, width = slide.level_shapes[0]
@@ -126,7 +152,7 @@ def make_plan(
     tile: int,
     overlap: int,
     region: tuple[float, float, float, float] | None = None,
-    out_downsample: float = 1.0,
+    out_downsample: float | str = 1.0,
     skip_background: bool = True,
     min_tissue: float = 0.001,
 ) -> Plan:
@@ -142,11 +168,11 @@ def make_plan(
     problem = mpp_problem(model_mpp, "model's tiles")
     if problem:
         raise SegmentError(problem)
-    if out_downsample <= 0:
-        raise SegmentError(f"out_downsample must be positive, not {out_downsample}")
+    if not isinstance(out_downsample, str):
+        resolve_downsample(out_downsample, 1.0)  # a wrong number is refused before the slide's mpp is asked for
     box = check_region(slide, region)
     scale = model_mpp / slide_mpp(slide)
-    plan = Plan(box, scale, out_downsample, tile, overlap)
+    plan = Plan(box, scale, resolve_downsample(out_downsample, scale), tile, overlap)
     work_h, work_w = plan.work_shape
     try:
         grid = tile_grid((0, 0, work_w, work_h), tile=tile, overlap=overlap)

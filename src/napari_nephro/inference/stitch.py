@@ -93,7 +93,9 @@ class RowResampler:
     An output row needs two working rows, so it is emitted only once both are
     released; the working rows no later output row needs are dropped. Results come
     in blocks of at most ROW_BLOCK rows, so a 100k-pixel-wide slide
-    never needs a band of level-0 floats in memory.
+    never needs a band of level-0 floats in memory. On the working grid itself
+    (ratio 1, the default for a whole slide) rows are passed on as they are: no
+    interpolation, no copy.
     """
 
     ROW_BLOCK = 128
@@ -109,6 +111,7 @@ class RowResampler:
         self.x0, self.x1, self.xw = _linear_taps(self.out_w, self.work_w, ratio)
         # Pillow's bilinear resize is this interpolation, 8x faster, when upsampling inside the image
         self.fast = ratio <= 1 and self.out_w * ratio <= self.work_w and self.out_h * ratio <= self.work_h
+        self.identity = ratio == 1 and tuple(out_shape) == tuple(work_shape)
         self.next = first  # next output row to emit
         self._rows: np.ndarray | None = None  # held working rows
         self._top = 0  # working row index of self._rows[:, 0]
@@ -119,6 +122,13 @@ class RowResampler:
 
     def push(self, start: int, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Take working rows [start, start + n); yield (first output row, probabilities) that became computable."""
+        if self.identity:  # output row i is working row i: hand over the rows not yet emitted, as views
+            stop = start + rows.shape[1]
+            for a in range(max(self.next, start), stop, self.ROW_BLOCK):
+                b = min(a + self.ROW_BLOCK, stop)
+                yield a, rows[:, a - start : b - start]
+            self.next = max(self.next, stop)
+            return
         if self._rows is None or self._rows.shape[1] == 0:
             self._rows, self._top = rows, start
         else:

@@ -119,7 +119,8 @@ def run_demo_job(
                 out_dir.rmdir()  # the folder this run made, if it is still empty
         raise
     pyramid = read_label_zarr(labels_path)
-    objects = class_objects(pyramid.levels[0], pyramid.classes)  # specks were dropped by the model's rules
+    # specks were dropped by the model's rules; outlines in level-0 pixels whatever scale the labels are at
+    objects = class_objects(pyramid.levels[0], pyramid.classes, pyramid.slide_downsample)
     geojson = write_geojson(objects, geojson_path, overwrite=True)
     match = None if truth is None else match_objects(objects, truth, slide.level_shapes[0])
     overview = write_overview(slide, objects, overview_path, truth=truth, match=match)

@@ -1,10 +1,17 @@
-"""Score predictions against ground truth, for one pair of files or two folders matched by stem."""
+"""Score predictions against ground truth, for one pair of files or two folders matched by stem.
+
+A prediction written at the model's working scale (coarser than the slide) is
+scored on the truth's grid: it is upsampled lazily, nearest neighbour, to the
+truth's shape (polygons are drawn at the slide's level 0), so its scores are in
+the same pixels as those of a full-resolution prediction. Drawing polygons at the
+coarse grid instead would be cheaper but would score a different truth.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ from ..evaluation.blockwise import ObjectBoxes, PairCounts, block_cells, blocks,
 from ..evaluation.instances import match_from_table
 from ..evaluation.pixel import per_class_from_histogram
 from ..evaluation.summary import DEFAULT_CROP_MARGIN, count_crops, crop_counts, crop_rows
+from ..inference.plan import cells as cells_of
 
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml", ".zarr", *LABEL_IMAGE_EXTENSIONS)
 SUMMARY_KEYS = ("dice", "iou", "precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
@@ -45,6 +53,14 @@ class Labels:
     class_of: np.ndarray | None  # class id (1-based into names) of each instance value; None without classes
     names: list[str]
     notes: list[str] = field(default_factory=list)  # what reading repaired or skipped
+    mpp: float | None = None  # micrometres per pixel, when the file says
+    downsample: float = 1.0  # slide level-0 pixels per pixel (a segmentation written at the model's scale)
+    slide_shape: tuple[int, int] | None = None  # the slide's level-0 shape, when the file records its run
+
+    @property
+    def level0_shape(self) -> tuple[int, int]:
+        """The slide-sized image these labels cover: polygons on the other side are drawn at this size."""
+        return self.slide_shape if self.slide_shape is not None else self.shape
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,8 +85,82 @@ def load_labels(path: Path, shape: tuple[int, int] | None = None) -> Labels:
     path = Path(path)
     if path.suffix.lower() == ".zarr" or path.suffix.lower() in LABEL_IMAGE_EXTENSIONS:
         raster = read_label_file(path)  # a label image in memory, or OME-Zarr lazily
-        return _with_classes(raster.labels, raster.classes)
+        labels = _with_classes(raster.labels, raster.classes)
+        labels.mpp, labels.downsample, labels.slide_shape = raster.mpp, raster.downsample, raster.slide_shape
+        return labels
     return _polygon_labels(read_annotations(path), path, shape)
+
+
+class Upsampled:
+    """A coarse label image seen on a finer grid, lazily: each fine pixel takes the coarse pixel under its
+    centre (nearest neighbour, so object ids stay ids). Read block by block like any label array."""
+
+    ndim = 2
+
+    def __init__(self, labels: Labels, shape: tuple[int, int], factor: float) -> None:
+        self.labels, self.shape, self.factor = labels, tuple(int(n) for n in shape), float(factor)  # fine px per coarse
+
+    def _sources(self, key: slice, axis: int) -> np.ndarray:
+        start, stop, step = key.indices(self.shape[axis])
+        fine = np.arange(start, stop, step)
+        return np.minimum(((fine + 0.5) / self.factor).astype(np.int64), self.labels.shape[axis] - 1)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = self._sources(key[0], 0), self._sources(key[1], 1)
+        if rows.size == 0 or cols.size == 0:
+            return np.zeros((rows.size, cols.size), np.uint32)
+        block = self.labels.read_instances(int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        return block[np.ix_(rows - rows[0], cols - cols[0])]
+
+
+def relative_scale(pred: Labels, truth: Labels) -> float | None:
+    """Truth pixels per prediction pixel (4: the prediction is 4x coarser), from what the files record;
+    None when nothing says. A run's record (slide shape and output scale) wins over pixel sizes."""
+    d_pred = d_truth = None
+    if pred.slide_shape is not None:
+        d_pred = pred.downsample
+        if truth.slide_shape is not None:
+            d_truth = truth.downsample if truth.slide_shape == pred.slide_shape else None
+        elif truth.shape == pred.slide_shape:
+            d_truth = 1.0
+    elif truth.slide_shape is not None and pred.shape == truth.slide_shape:
+        d_pred, d_truth = 1.0, truth.downsample
+    if d_pred is not None and d_truth is not None:
+        return d_pred / d_truth
+    if pred.mpp and truth.mpp:
+        return pred.mpp / truth.mpp
+    return None
+
+
+def align(pred: Labels, truth: Labels, name: str = "") -> tuple[Labels, Labels]:
+    """The two sides on one grid: the coarser one (a run written at the model's scale) upsampled to the finer.
+
+    Scores are then counted in the finer side's pixels, as they would be for a
+    full-resolution prediction; the coarse side must have exactly the shape its
+    scale gives the fine one (`cells`), else the files are not of one image.
+    """
+    if pred.shape == truth.shape:
+        return pred, truth
+    factor = relative_scale(pred, truth)
+    if factor is not None and factor > 1 and _covers(truth.shape, factor, pred.shape):
+        return replace(pred, instances=Upsampled(pred, truth.shape, factor)), truth
+    if factor is not None and factor < 1 and _covers(pred.shape, 1 / factor, truth.shape):
+        return pred, replace(truth, instances=Upsampled(truth, pred.shape, 1 / factor))
+    scale = "" if factor is None else f" at {factor:.4g} truth pixels per prediction pixel"
+    hint = (
+        " (a coarser prediction needs its scale: an output of nephro segment records it, or both files their pixel size)"
+        if factor is None
+        else ""
+    )
+    raise EvaluationError(
+        f"{name}: prediction is {pred.shape[1]}x{pred.shape[0]} px{scale}, "
+        f"ground truth {truth.shape[1]}x{truth.shape[0]}: they must cover the same image{hint}"
+    )
+
+
+def _covers(fine: tuple[int, int], factor: float, coarse: tuple[int, int]) -> bool:
+    """Whether `coarse` pixels of `factor` fine pixels are exactly what covers `fine` (within one coarse pixel)."""
+    return all(c == cells_of(f, factor) for f, c in zip(fine, coarse, strict=True))
 
 
 def _with_classes(instances, classes: dict[int, str]) -> Labels:
@@ -112,11 +202,7 @@ def evaluate_pair(
     object areas and overlaps, class histograms, object boxes); a second pass over
     the blocks that hold crops scores them. Memory: a block and the objects.
     """
-    if pred.shape != truth.shape:
-        raise EvaluationError(
-            f"{name}: prediction is {pred.shape[1]}x{pred.shape[0]} px, "
-            f"ground truth {truth.shape[1]}x{truth.shape[0]}: they must cover the same image"
-        )
+    pred, truth = align(pred, truth, name)
     shape = truth.shape
     grid = list(blocks(shape))
     kept = {}  # the one block of a small image, for the crops
@@ -214,10 +300,10 @@ def evaluate(
     for name, p_source, t_source in pairs:
         if shape is None and not t_source.sized and p_source.sized:  # polygons take the size of the label image
             p_labels = p_source.load(None)
-            t_labels = t_source.load(p_labels.shape)
+            t_labels = t_source.load(p_labels.level0_shape)  # level-0 pixels: the slide's size, at any output scale
         else:
             t_labels = t_source.load(shape)
-            p_labels = p_source.load(t_labels.shape)
+            p_labels = p_source.load(t_labels.level0_shape)
         for note in (*p_labels.notes, *t_labels.notes):
             if note not in notes:
                 notes.append(note)

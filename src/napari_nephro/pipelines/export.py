@@ -125,6 +125,9 @@ def _read_items(path: Path) -> list[Item]:
     suffix = path.suffix.lower()
     if suffix == ".zarr" or suffix in LABEL_IMAGE_EXTENSIONS:
         raster = read_label_file(path)
+        if raster.slide_shape is not None:  # a run at the model's scale: the item is its slide, in level-0 pixels
+            mpp = raster.mpp / raster.downsample if raster.mpp else None
+            return [Item(path.stem, raster=raster, shape=raster.slide_shape, mpp=mpp)]
         return [Item(path.stem, raster=raster, shape=tuple(raster.labels.shape), mpp=raster.mpp)]
     if suffix == ".json":
         data = load_json(path)
@@ -242,14 +245,20 @@ def _write_one(item: Item, to: str, target: Path, overwrite: bool, progress) -> 
         return write_geojson(item.vectors(), target, overwrite=overwrite)
     if to == "xml":
         return write_imagescope_xml(item.vectors(), target, mpp=item.mpp, overwrite=overwrite)
+    mpp, extra = item.mpp, {}
     if item.raster is not None:
         source = ArrayLabels(item.raster.labels, item.raster.classes)
+        d = item.raster.downsample
+        if item.raster.slide_shape is not None and d != 1:  # stays at its own scale, still placed on the slide
+            mpp = item.mpp * d if item.mpp else None
+            if to == "tiff":
+                extra["run"] = {"slide_shape": list(item.raster.slide_shape), "plan": {"out_downsample": d}}
     else:
         if item.shape is None:
             raise ExportError(f"{item.name}: polygons need the image size to become a label image: give --slide")
         source = PolygonLabels(item.annotations, item.shape)
     writer = write_label_tiff if to == "tiff" else write_label_zarr
-    return writer(source, target, mpp=item.mpp, overwrite=overwrite, progress=progress)
+    return writer(source, target, mpp=mpp, overwrite=overwrite, progress=progress, **extra)
 
 
 def _write_coco(items: list[Item], out: Path, overwrite: bool) -> Path:

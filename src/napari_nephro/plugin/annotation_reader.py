@@ -86,12 +86,28 @@ def _read_labels(path) -> list[LayerData]:
 
 
 def labels_layer_data(pyramid: LabelPyramid, name: str, slide_scale=None) -> LayerData:
-    """A (multiscale) Labels layer: in micrometres when the file knows its pixel size, else on the slide's scale."""
+    """A (multiscale) Labels layer: in micrometres when the file knows its pixel size, else on the slide's scale.
+
+    A result written at the model's scale (a pixel of d slide pixels) is shifted by
+    (d - 1) / 2 slide pixels: napari places a pixel by its centre, and the centre of
+    a coarse pixel is not the centre of the first slide pixel it covers.
+    """
     kwargs = {"name": name, "metadata": {"classes": pyramid.classes}}
+    d = pyramid.slide_downsample
     if pyramid.mpp is not None:
         kwargs.update(scale=(pyramid.mpp, pyramid.mpp), units=("um", "um"))
+        slide_mpp = pyramid.mpp / d
+        if pyramid.slide_shape is None and slide_scale is not None and str(slide_scale[1][-1]) in ("um", "micrometer"):
+            slide_mpp = float(slide_scale[0][-1])  # no run record: the slide on screen says how coarse this is
+            d = pyramid.mpp / slide_mpp
     elif slide_scale is not None:
-        kwargs.update(scale=slide_scale[0], units=slide_scale[1])
+        slide_mpp = float(slide_scale[0][-1])
+        kwargs.update(scale=tuple(float(s) * d for s in slide_scale[0]), units=slide_scale[1])
+    else:
+        slide_mpp = 1.0
+    if abs(d - 1) > 1e-6 and "scale" in kwargs:
+        shift = (d - 1) / 2 * slide_mpp
+        kwargs["translate"] = (shift, shift)
     if pyramid.classes:
         values = sorted(pyramid.classes)
         kwargs["features"] = {"index": values, "class": [pyramid.classes[v] for v in values]}

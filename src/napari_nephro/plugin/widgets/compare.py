@@ -1,13 +1,18 @@
 """ "Compare" dock widget: a prediction Labels layer against a ground-truth one.
 
 Adds the TP/FP/FN layer (green, yellow, red, as in the paper's figures) and a
-table of objects; clicking a row centres the view on that object.
+table of objects; clicking a row centres the view on that object. The two may be
+at different scales (a whole-slide result at the model's scale against a
+full-resolution truth): the coarser is looked up, nearest neighbour, on the finer
+one's grid. The truth may also be polygons (a Shapes layer): they are drawn on
+the prediction's grid.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +65,7 @@ class CompareWidget(QWidget):
         self.rows: list[dict] = []
         self.result_layer = None
         self.downsample = 1
+        self.views: Views | None = None  # what the last comparison compared, on one grid
 
         form = QFormLayout()
         form.addRow("Prediction", self.pred_combo)
@@ -86,34 +92,37 @@ class CompareWidget(QWidget):
     def _labels_layers(self):
         return labels_layers(self.viewer, exclude=self.result_layer)
 
+    def _truth_layers(self):
+        """Labels layers, and Shapes layers of polygons (annotations opened from a file, or drawn)."""
+        from napari.layers import Shapes
+
+        return [*self._labels_layers(), *(layer for layer in self.viewer.layers if isinstance(layer, Shapes))]
+
     def _refresh(self, *_: object) -> None:
-        names = [layer.name for layer in self._labels_layers()]
-        refill(self.pred_combo, names, default=0)
-        refill(self.truth_combo, names, default=1)
+        refill(self.pred_combo, [layer.name for layer in self._labels_layers()], default=0)
+        refill(self.truth_combo, [layer.name for layer in self._truth_layers()], default=1)
 
     def compare(self) -> None:
         pred_layer, truth_layer = (
             chosen(self.pred_combo, self._labels_layers()),
-            chosen(self.truth_combo, self._labels_layers()),
+            chosen(self.truth_combo, self._truth_layers()),
         )
         if pred_layer is None or truth_layer is None:
-            self.summary.setText("Choose a prediction and a ground-truth Labels layer.")
+            self.summary.setText("Choose a prediction Labels layer and a ground-truth Labels or Shapes layer.")
             return
-        shapes = (_level0_shape(pred_layer), _level0_shape(truth_layer))
-        if shapes[0] != shapes[1]:
-            self.summary.setText(
-                f"The layers differ in shape ({shapes[0]} vs {shapes[1]}): they must cover the same image."
-            )
+        views = comparable_views(pred_layer, truth_layer)
+        if isinstance(views, str):
+            self.summary.setText(views)
             return
-        self.downsample = _downsample_for(shapes[1])
-        pred, truth = _comparable(pred_layer, self.downsample), _comparable(truth_layer, self.downsample)
+        self.views, self.downsample = views, views.downsample
+        pred, truth, grid = views.pred, views.truth, views.grid
         pixel = pixel_scores(pred, truth)
         result = match_instances(pred, truth, self.iou_spin.value())
-        mpp = float(truth_layer.scale[-1]) * self.downsample if str(truth_layer.units[-1]) == "micrometer" else None
-        classes = truth_layer.metadata.get("classes")
+        mpp = float(grid.scale[-1]) * self.downsample if str(grid.units[-1]) == "micrometer" else None
+        classes = views.truth_classes
         self.rows = object_table(result, truth_classes=classes if isinstance(classes, dict) else None, mpp=mpp)
         self._show_table()
-        self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer)
+        self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer, grid)
         note = (
             f"Computed at 1/{self.downsample} resolution: the layers are too large to compare whole in memory; "
             "`nephro evaluate` scores full resolution.  |  "
@@ -127,7 +136,7 @@ class CompareWidget(QWidget):
             f"recall {_fmt(result.recall)}, F1 {_fmt(result.f1)}, PQ {_fmt(result.panoptic_quality)}"
         )
 
-    def _show_map(self, agreement: np.ndarray, pred_layer, truth_layer) -> None:
+    def _show_map(self, agreement: np.ndarray, pred_layer, truth_layer, grid) -> None:
         from napari.utils.colormaps import DirectLabelColormap
 
         colors = {0: "transparent", None: "transparent"}
@@ -140,9 +149,9 @@ class CompareWidget(QWidget):
             name=name,
             colormap=DirectLabelColormap(color_dict=colors),
             opacity=0.6,
-            scale=tuple(np.asarray(truth_layer.scale) * self.downsample),
-            translate=truth_layer.translate,
-            units=truth_layer.units,
+            scale=tuple(np.asarray(grid.scale) * self.downsample),
+            translate=grid.translate,
+            units=grid.units,
         )
 
     def _show_table(self) -> None:
@@ -180,20 +189,114 @@ class CompareWidget(QWidget):
     def jump_to_row(self, row: int, _column: int = 0) -> None:
         """Centre the view on the object of a table row."""
         entry = self.rows[row]
-        layer = chosen(self.truth_combo if entry["side"] == "truth" else self.pred_combo, self._labels_layers())
-        if layer is None:
+        views = self.views
+        if views is None:
             return
-        data = _comparable(layer, self.downsample)
+        data = views.truth if entry["side"] == "truth" else views.pred
         centre = np.asarray(ndimage.center_of_mass(data == entry["id"])) * self.downsample
-        world = np.asarray(layer.data_to_world(centre))
+        world = np.asarray(views.grid.data_to_world(centre))
         _camera(self.viewer).center = tuple(world)
-        self.viewer.layers.selection.active = layer
+        layer = views.truth_layer if entry["side"] == "truth" else views.pred_layer
+        if layer in self.viewer.layers:
+            self.viewer.layers.selection.active = layer
 
 
 def _camera(viewer):
     """napari 0.9 moved the camera to viewer.scene; older versions keep viewer.camera."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+@dataclass
+class Views:
+    """The two sides of a comparison on one grid: the finer layer's (`grid`), every `downsample`-th pixel."""
+
+    pred: np.ndarray
+    truth: np.ndarray
+    grid: object  # the layer whose pixels these are (every downsample-th)
+    downsample: int
+    truth_classes: dict | None
+    pred_layer: object
+    truth_layer: object
+
+
+def comparable_views(pred_layer, truth_layer) -> Views | str:
+    """Both layers on the finer one's grid, or why they cannot be compared (one line)."""
+    from napari.layers import Shapes
+
+    if isinstance(truth_layer, Shapes):
+        return _against_polygons(pred_layer, truth_layer)
+    shapes = (_level0_shape(pred_layer), _level0_shape(truth_layer))
+    classes = truth_layer.metadata.get("classes")
+    if shapes[0] == shapes[1]:
+        d = _downsample_for(shapes[1])
+        pred, truth = _comparable(pred_layer, d), _comparable(truth_layer, d)
+        return Views(pred, truth, truth_layer, d, classes, pred_layer, truth_layer)
+    factor = _world_ratio(pred_layer, truth_layer)  # truth pixels per prediction pixel
+    refused = f"The layers differ in shape ({shapes[0]} vs {shapes[1]}) and scale: they must cover the same image."
+    if factor is None:
+        return refused
+    if factor > 1 and _covers(shapes[1], factor, shapes[0]):
+        d = _downsample_for(shapes[1])
+        pred = _coarse_view(pred_layer, shapes[1], factor, d)
+        return Views(pred, _comparable(truth_layer, d), truth_layer, d, classes, pred_layer, truth_layer)
+    if factor < 1 and _covers(shapes[0], 1 / factor, shapes[1]):
+        d = _downsample_for(shapes[0])
+        truth = _coarse_view(truth_layer, shapes[0], 1 / factor, d)
+        return Views(_comparable(pred_layer, d), truth, pred_layer, d, classes, pred_layer, truth_layer)
+    return refused
+
+
+def _world_ratio(a, b) -> float | None:
+    """Pixels of `b` per pixel of `a` in the world (their scales), when both are in the same units."""
+    if str(a.units[-1]) != str(b.units[-1]) or not (a.scale[-1] > 0 and b.scale[-1] > 0):
+        return None
+    ratio = float(a.scale[-1]) / float(b.scale[-1])
+    return None if abs(ratio - 1) < 1e-9 else ratio
+
+
+def _covers(fine: tuple[int, ...], factor: float, coarse: tuple[int, ...]) -> bool:
+    from ...inference.plan import cells
+
+    return len(fine) == len(coarse) == 2 and all(c == cells(f, factor) for f, c in zip(fine, coarse, strict=True))
+
+
+def _coarse_view(layer, fine_shape: tuple[int, ...], factor: float, downsample: int) -> np.ndarray:
+    """A coarse layer looked up on the fine grid at 1/downsample, from its coarsest level still fine enough."""
+    from ...pipelines.evaluate import Labels, Upsampled
+
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    level, step = levels[0], 1.0
+    for candidate in levels[1:]:
+        f = levels[0].shape[-1] / candidate.shape[-1]
+        if factor * f <= downsample and f > step:
+            level, step = candidate, f
+    view = Upsampled(Labels(level, None, []), fine_shape, factor * step)
+    return np.asarray(view[::downsample, ::downsample])
+
+
+def _against_polygons(pred_layer, shapes_layer) -> Views | str:
+    """Polygons of a Shapes layer drawn on the prediction's grid (level-0 pixels: the Shapes layer's own)."""
+    from ...annotations import rasterize
+    from ..layer_annotations import shapes_to_annotations
+
+    meta = {
+        "scale": shapes_layer.scale,
+        "translate": shapes_layer.translate,
+        "features": shapes_layer.features,
+        "shape_type": shapes_layer.shape_type,
+    }
+    level0 = float(shapes_layer.scale[-1])  # world units per level-0 pixel: annotations sit on the slide's scale
+    annotations = shapes_to_annotations(shapes_layer.data, meta, slide_mpp=level0)
+    if str(pred_layer.units[-1]) != str(shapes_layer.units[-1]):
+        return "The prediction and the polygons are in different units: open both over the same slide."
+    d = _downsample_for(_level0_shape(pred_layer))
+    pred = _comparable(pred_layer, d)
+    step = float(pred_layer.scale[-1]) / level0  # level-0 pixels per prediction pixel
+    corner = (np.asarray(pred_layer.translate[-2:], float) - (float(pred_layer.scale[-1]) - level0) / 2) / level0
+    truth = rasterize(annotations, pred.shape, downsample=step * d, origin=(float(corner[1]), float(corner[0])))
+    classes = {i: a.label for i, a in enumerate(annotations, start=1)}
+    return Views(pred, np.asarray(truth), pred_layer, d, classes, pred_layer, shapes_layer)
 
 
 def _level0_shape(layer) -> tuple[int, ...]:

@@ -212,9 +212,12 @@ class NucleiWidget(SegmentWidget):
             out = self.output_path(layer)
             resume = partial_path(out).exists() and not self.overwrite_check.isChecked()
             overwrite = self.overwrite_check.isChecked()
+            scale = self.out_scale()
             return lambda: (
                 "slide",
-                segment_instances_slide(slide, self.segmenter(), out, resume=resume, overwrite=overwrite, **common),
+                segment_instances_slide(
+                    slide, self.segmenter(), out, out_downsample=scale, resume=resume, overwrite=overwrite, **common
+                ),
             )
         _, _, w, h = region
         downsample = 2 ** max(0, math.ceil(math.log2(math.sqrt(w * h / REGION_PIXELS)))) if w * h else 1
@@ -238,8 +241,10 @@ class NucleiWidget(SegmentWidget):
 
         if path.suffix.lower() != ".zarr":  # a table or QuPath detections: nothing to show as labels
             return None
+        from .segment import slide_downsample
+
         pyramid = read_label_zarr(path)
-        downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
+        downsample = slide_downsample(layer, pyramid)
         rows = []
         with open(path / "nuclei.csv", "rb") as f:
             count = sum(1 for _ in f) - 1

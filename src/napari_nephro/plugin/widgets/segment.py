@@ -66,6 +66,12 @@ class SegmentWidget(QWidget):
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("whole slide: OME-Zarr to write (default beside the slide)")
         self.overwrite_check = QCheckBox("replace an existing result")
+        self.full_check = QCheckBox("at full resolution")  # else at the model's scale: a fraction of the time
+        self.full_check.setToolTip(
+            "write the whole-slide result at the slide's own resolution; by default it is written at the model's "
+            "scale (e.g. 16 times fewer pixels for a 1 µm/px model on a 0.25 µm/px slide), placed over the slide all "
+            "the same"
+        )
         self.objects_check = QCheckBox("whole objects")  # enabled by `_describe_model` for a model with rules
         self.objects_check.setEnabled(False)
         self.run_button = QPushButton("Run")
@@ -90,6 +96,7 @@ class SegmentWidget(QWidget):
         form.addRow("Threshold", self.threshold_spin)
         form.addRow("", self.objects_check)
         form.addRow("Whole-slide output", self.out_edit)
+        form.addRow("", self.full_check)
         form.addRow("", self.overwrite_check)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
@@ -247,13 +254,22 @@ class SegmentWidget(QWidget):
             out = self.output_path(layer)
             resume = partial_path(out).exists() and not self.overwrite_check.isChecked()
             overwrite = self.overwrite_check.isChecked()
+            scale = self.out_scale()
             return lambda: (
                 "slide",
-                segment_slide(slide, self.segmenter(), out, resume=resume, overwrite=overwrite, **common),
+                segment_slide(
+                    slide, self.segmenter(), out, out_downsample=scale, resume=resume, overwrite=overwrite, **common
+                ),
             )
         _, _, w, h = region
         downsample = 2 ** max(0, math.ceil(math.log2(math.sqrt(w * h / REGION_PIXELS)))) if w * h else 1
         return lambda: ("region", segment_region(slide, self.segmenter(), region, out_downsample=downsample, **common))
+
+    def out_scale(self) -> str:
+        """The whole-slide output's scale: the model's working grid (default) or the slide's full resolution."""
+        from ...inference.plan import FULL, WORKING
+
+        return FULL if self.full_check.isChecked() else WORKING
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -311,8 +327,9 @@ class SegmentWidget(QWidget):
         from ...annotations.omezarr import read_label_zarr
 
         pyramid = read_label_zarr(path)
-        downsample = layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
-        return self._add_labels(layer, pyramid.levels, (0, 0), downsample, pyramid.classes, path.name)
+        return self._add_labels(
+            layer, pyramid.levels, (0, 0), slide_downsample(layer, pyramid), pyramid.classes, path.name
+        )
 
     def _add_labels(self, layer, data, origin_yx, downsample: float, classes: dict[int, str], name: str):
         """A Labels layer over `layer` (see `aligned`), multiscale when `data` is a list of levels."""
@@ -338,6 +355,13 @@ class SegmentWidget(QWidget):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def slide_downsample(layer, pyramid) -> float:
+    """Slide pixels per pixel of a whole-slide result: as its run recorded it, else from the widths."""
+    if pyramid.slide_shape is not None:
+        return pyramid.slide_downsample
+    return layer.metadata["slide"].level_shapes[0][1] / pyramid.levels[0].shape[1]
 
 
 def aligned(layer, origin_yx: tuple[float, float], downsample: float) -> tuple[tuple, tuple]:
