@@ -69,7 +69,8 @@ def test_demo_renders_the_sample_slide_in_napari(tmp_path):
     from napari_nephro.annotations.omezarr import read_label_zarr
     from napari_nephro.sample import SAMPLE_NAME, SAMPLE_SHAPE
 
-    assert read_label_zarr(out / f"{SAMPLE_NAME}.glomeruli.zarr").levels[0].shape == SAMPLE_SHAPE
+    labels = read_label_zarr(out / f"{SAMPLE_NAME}.glomeruli.zarr")  # the whole sample, at the model's scale
+    assert labels.slide_shape == SAMPLE_SHAPE and labels.mpp == 1.0
     assert set(read_annotations(out / f"{SAMPLE_NAME}.glomeruli.geojson").counts()) <= {"glomerulus"}
     assert "annotated glomeruli found" in result.stdout  # the sample is scored against its annotations
     pixels = np.asarray(Image.open(shot).convert("RGB"))
