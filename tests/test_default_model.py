@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 from PIL import Image
@@ -83,7 +84,10 @@ def test_demo_headless_writes_labels_polygons_and_an_overview(tmp_path, capsys):
     overview = out / "CMU-1-Small-Region.overview.png"
     for path in (labels, geojson, overview):
         assert str(path) in printed and path.exists()
-    assert read_label_zarr(labels).levels[0].shape == open_slide(slide).level_shapes[0]
+    pyramid = read_label_zarr(labels)  # at the model's working scale (1 um/px), placed on the whole slide
+    assert tuple(pyramid.slide_shape) == open_slide(slide).level_shapes[0]
+    assert pyramid.levels[0].shape == tuple(math.ceil(n / pyramid.slide_downsample - 1e-6) for n in pyramid.slide_shape)
+    assert 1.9 < pyramid.slide_downsample < 2.1  # 1 um/px over the slide's 0.499
     objects = read_annotations(geojson)
     assert f"{len(objects)} glomeruli found" in printed and set(objects.counts()) <= {"glomerulus"}
     assert "annotated" not in printed  # a user's slide comes without annotations: no score is made up
