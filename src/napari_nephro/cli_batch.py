@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 
@@ -43,10 +44,8 @@ def add_parser(sub, positive) -> None:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .pipelines.batch import BatchError, batch
+    from .pipelines.batch import batch
 
-    if args.workers is not None and args.workers < 1:
-        raise BatchError(f"--workers must be at least 1, not {args.workers}")
     bar = None
     tiles: dict[str, str] = {}
 
@@ -79,9 +78,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    statuses: dict[str, int] = {}
-    for run in result.runs:
-        statuses[run.get("status", "?")] = statuses.get(run.get("status", "?"), 0) + 1
+    statuses = Counter(run.get("status", "?") for run in result.runs)
     done = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     print(f"{result.csv}  ({len(result.rows)} slides; runs: {done})")
     print(f"{result.index}")

@@ -163,21 +163,23 @@ def _unique_names(items: list[SlideItem]) -> list[SlideItem]:
 def model_items(specs: Sequence[str]) -> list[ModelItem]:
     """The models to run, with a folder name each; a checkpoint folder is fingerprinted so its weights are known."""
     from ..models.checkpoint import DEFAULT, DEFAULT_FOLDER
+    from ..models.hover_segmenter import DEFAULT_NUCLEI_FOLDER
     from ..models.segmenter import checkpoint_fingerprint
     from ..review.predict import task_of
+
+    shipped = {DEFAULT: DEFAULT_FOLDER, "nuclei": DEFAULT_NUCLEI_FOLDER}  # the package's own, by name
 
     if not specs:
         raise BatchError("give at least one --model")
     items, names = [], set()
     for spec in specs:
         spec = str(spec)
-        folder = Path(spec.partition(":")[2] or spec) if ":" in spec else Path(spec)
+        folder = Path(spec.partition(":")[2] or spec)  # `nuclei:FOLDER`, or the folder itself
+        checkpoint = folder.is_dir() and (folder / "config.json").exists()
         fingerprint = None
-        if folder.is_dir() and (folder / "config.json").exists():
-            fingerprint = checkpoint_fingerprint(folder)
-        elif spec == DEFAULT:
-            fingerprint = checkpoint_fingerprint(DEFAULT_FOLDER)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name if fingerprint and spec != "default" else spec).strip("-.")
+        if checkpoint or spec in shipped:
+            fingerprint = checkpoint_fingerprint(folder if checkpoint else shipped[spec])
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name if checkpoint else spec).strip("-.")
         base, n = name or "model", 1
         while name in names:
             n += 1
@@ -242,10 +244,15 @@ def _share_cores(per_host: dict[str, int]) -> None:
     from distributed import get_worker
 
     try:
-        host = get_worker().address.rsplit(":", 1)[0].split("://")[-1]
+        host = _host(get_worker().address)
     except ValueError:  # not on a worker
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host.get(host, 1))))
+
+
+def _host(address: str) -> str:
+    """'tcp://10.0.0.5:40123' -> '10.0.0.5': the machine a worker runs on."""
+    return address.rsplit(":", 1)[0].split("://")[-1]
 
 
 def _tell(slide: str, model: str, done: int, total: int) -> None:
@@ -296,21 +303,21 @@ def run_slide_model(
     if workers_per_host:
         _share_cores(workers_per_host)
     try:
-        opened = open_slide(slide.path, mpp=slide.mpp)
         segmenter = _segmenter(model, device)
         target.parent.mkdir(parents=True, exist_ok=True)
         run = segment_instances_slide if model.task == "nuclei" else segment_slide
         options = {} if model.task == "nuclei" else {"objects": "model"}
-        result = run(
-            opened,
-            segmenter,
-            target,
-            out_downsample=out_scale,
-            batch_size=getattr(segmenter, "tiles_per_call", None) or 4,
-            resume=resume,
-            progress=progress,
-            **options,
-        )
+        with open_slide(slide.path, mpp=slide.mpp) as opened:  # a long-lived worker must not keep every slide open
+            result = run(
+                opened,
+                segmenter,
+                target,
+                out_downsample=out_scale,
+                batch_size=getattr(segmenter, "tiles_per_call", None) or 4,
+                resume=resume,
+                progress=progress,
+                **options,
+            )
     except Exception as exc:  # one slide's failure is its row, not the cohort's end
         return {**record, "status": "failed", "error": _one_line(exc), "seconds": time.perf_counter() - t0}
     stats = result.stats
@@ -331,10 +338,11 @@ def report_slide(slide: SlideItem, models: list[ModelItem], runs: list[dict], ou
     for model in models:
         outputs.setdefault(model.task, output_path(out, slide, model))
     try:
-        opened = open_slide(slide.path, mpp=slide.mpp)
-        report = biopsy_report(opened, glomeruli=outputs.get("glomeruli"), nuclei=outputs.get("nuclei"))
-        report.slide = slide.name
-        write_biopsy_html(report, out / slide.name / "report.html", slide=opened, glomeruli=outputs.get("glomeruli"))
+        with open_slide(slide.path, mpp=slide.mpp) as opened:
+            report = biopsy_report(opened, glomeruli=outputs.get("glomeruli"), nuclei=outputs.get("nuclei"))
+            report.slide = slide.name
+            page = out / slide.name / "report.html"
+            write_biopsy_html(report, page, slide=opened, glomeruli=outputs.get("glomeruli"))
     except Exception as exc:
         return BiopsyReport.failed(slide.name, f"report: {_one_line(exc)}")
     return report
@@ -353,11 +361,8 @@ def local_cluster(workers: int | None = None, *, dashboard: bool = True):
     from distributed import LocalCluster
 
     cores = os.cpu_count() or 1
-    n = workers or max(1, min(cores, 4) // 2)
-    if n < 1:
-        raise BatchError(f"--workers must be at least 1, not {workers}")
     return LocalCluster(
-        n_workers=n,
+        n_workers=workers or max(1, min(cores, 4) // 2),
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0" if dashboard else None,
@@ -385,7 +390,7 @@ def batch(
     on tile events (`event` holds slide, model, done, total). Returns the cohort's rows; a slide that failed is
     a row with its `error`, never an exception.
     """
-    from distributed import Client, as_completed
+    from distributed import Client
 
     if out_scale not in ("working", "full"):
         raise BatchError(f"out_scale must be 'working' or 'full', not {out_scale!r}")
@@ -411,7 +416,7 @@ def batch(
     try:
         if on_dashboard is not None and client.dashboard_link:
             on_dashboard(client.dashboard_link)
-        return _run(client, items, chosen, out, device, out_scale, progress, as_completed)
+        return _run(client, items, chosen, out, device, out_scale, progress)
     finally:
         if own:
             client.close()
@@ -419,11 +424,12 @@ def batch(
                 cluster.close()
 
 
-def _run(client, items, chosen, out, device, out_scale, progress, as_completed) -> BatchResult:
-    per_host: dict[str, int] = {}
-    for address in client.scheduler_info().get("workers", {}):
-        host = address.rsplit(":", 1)[0].split("://")[-1]
-        per_host[host] = per_host.get(host, 0) + 1
+def _run(client, items, chosen, out, device, out_scale, progress) -> BatchResult:
+    from collections import Counter
+
+    from distributed import as_completed
+
+    per_host = dict(Counter(_host(address) for address in client.scheduler_info().get("workers", {})))
     done_slides = [0]
     lock = threading.Lock()
 
