@@ -195,7 +195,10 @@ def test_whole_slide_to_ome_zarr_tiff_and_geojson(disc_slide, tmp_path):
     assert record["complete"] and record["model"] == "darkness"
 
     tif = segment_slide(slide, Darkness(), tmp_path / "discs.tif", out_downsample="full").path
-    assert np.array_equal(np.asarray(read_label_tiff_pyramid(tif).levels[0]), np.asarray(pyramid.levels[0]))
+    tif_pyramid = read_label_tiff_pyramid(tif)
+    assert np.array_equal(np.asarray(tif_pyramid.levels[0]), np.asarray(pyramid.levels[0]))
+    assert tif_pyramid.run["model"] == "darkness" and tif_pyramid.unfinished() is None  # a finished TIFF's record
+    assert tif_pyramid.slide_shape == slide.level_shapes[0] and tif_pyramid.slide_downsample == 1.0
 
     objects = read_annotations(segment_slide(slide, Darkness(), tmp_path / "discs.geojson").path)  # working scale
     assert len(objects) == len(DISCS) and set(objects.counts()) == {"disc"}
@@ -204,6 +207,17 @@ def test_whole_slide_to_ome_zarr_tiff_and_geojson(disc_slide, tmp_path):
     ):
         assert abs(annotation.geometry.centroid.x - x) < 2 and abs(annotation.geometry.centroid.y - y) < 2
         assert annotation.area == pytest.approx(np.pi * r * r, rel=0.05)
+
+
+def test_a_run_says_where_its_time_went(disc_slide, tmp_path):
+    stats = segment_slide(open_slide(disc_slide), Darkness(), tmp_path / "discs.zarr").stats
+    assert stats.complete and stats.predicted > 0
+    assert stats.read_seconds > 0 and stats.model_seconds > 0 and stats.stitch_seconds > 0 and stats.write_seconds > 0
+    assert stats.model_seconds + stats.wait_seconds <= stats.seconds  # both on the model's thread, one after the other
+    shares = stats.shares()
+    assert set(shares) == {"read", "wait", "model", "stitch", "write", "tail"} and min(shares.values()) >= 0
+    for one_thread in ("model", "stitch", "write", "tail"):  # reading is summed over the reader threads
+        assert shares[one_thread] <= 1, one_thread
 
 
 def test_a_region_file_keeps_the_slide_extent(disc_slide, tmp_path):

@@ -155,7 +155,7 @@ def geojsons(slide, tmp_path_factory):
     return paths
 
 
-def _pairs(a, b, scale: float):
+def _pairs(a, b):
     """Objects of `a` and `b` paired by class and nearest centroid."""
     assert len(a) == len(b) and a.counts() == b.counts()
     left = list(b)
@@ -171,7 +171,7 @@ def test_geojson_at_both_scales_has_the_same_objects_in_level0_pixels(slide, geo
     scale = MODEL_MPP / slide.mpp
     full, working = read_annotations(geojsons["full"]), read_annotations(geojsons["working"])
     assert len(full) >= 10
-    for a, b in _pairs(full, working, scale):
+    for a, b in _pairs(full, working):
         assert a.geometry.centroid.distance(b.geometry.centroid) < scale  # within one working pixel
         iou = a.geometry.intersection(b.geometry).area / a.geometry.union(b.geometry).area
         assert iou > 0.9

@@ -58,15 +58,23 @@ def _dice(widget) -> float:
     return float(re.search(r"Dice ([0-9.]+)", widget.summary.text()).group(1))
 
 
+def _compare(widget, viewer, pred: str, truth: str) -> None:
+    """Compare the layers named `pred` and `truth`: a combo box ignores a name it lacks, so check it took them."""
+    widget.pred_combo.setCurrentText(pred)
+    widget.truth_combo.setCurrentText(truth)
+    assert (widget.pred_combo.currentText(), widget.truth_combo.currentText()) == (pred, truth)
+    widget.compare()
+    assert widget.views is not None, widget.summary.text()
+    assert widget.views.pred_layer is viewer.layers[pred] and widget.views.truth_layer is viewer.layers[truth]
+
+
 def test_compare_takes_a_working_scale_layer_against_a_full_resolution_one(viewer, outputs):
     working, full, _ = outputs
     viewer.open(str(working.path), plugin="napari-nephro")
     viewer.open(str(full.path), plugin="napari-nephro")
     widget = CompareWidget(viewer)
     for pred, truth in (("working.zarr", "full.zarr"), ("full.zarr", "working.zarr")):
-        widget.pred_combo.setCurrentText(pred)
-        widget.truth_combo.setCurrentText(truth)
-        widget.compare()
+        _compare(widget, viewer, pred, truth)
         assert _dice(widget) > 0.99, widget.summary.text()
         result = widget.result_layer
         assert result.data.shape == (2967, 2220)
@@ -79,12 +87,9 @@ def test_compare_draws_polygons_on_the_working_grid(viewer, outputs):
     viewer.open(str(full.path), plugin="napari-nephro")
     (shapes,) = viewer.open(str(outlines), plugin="napari-nephro")  # the working map's outlines, level-0 pixels
     widget = CompareWidget(viewer)
-    widget.pred_combo.setCurrentText("working.zarr")
-    widget.truth_combo.setCurrentText(shapes.name)
-    widget.compare()
+    _compare(widget, viewer, "working.zarr", shapes.name)
     coarse = _dice(widget)
-    widget.pred_combo.setCurrentText("full.zarr")
-    widget.compare()
+    _compare(widget, viewer, "full.zarr", shapes.name)
     fine = _dice(widget)
     # Shapes hold no holes, so neither is 1; the coarse layer meets them as well as the full one does
     assert fine > 0.9 and abs(coarse - fine) < 0.01, widget.summary.text()

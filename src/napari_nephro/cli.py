@@ -20,6 +20,7 @@ from . import __version__
 from .annotations import AnnotationError
 from .common.json_io import JSONFileError
 from .inference.errors import SegmentError
+from .inference.plan import FULL, WORKING
 from .io import SlideError, open_slide
 from .models import ARCHITECTURES, ModelError
 from .pipelines import EvaluationError, ExportError
@@ -206,8 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--region", type=_region, help="X,Y,W,H in level-0 pixels (default: the whole slide)")
     seg.add_argument(
         "--out-scale",
-        choices=("working", "full"),
-        default="working",
+        choices=(WORKING, FULL),
+        default=WORKING,
         help="pixel size of the label image: 'working' (default), the model's own, with the scale in the file so "
         "viewers place it over the slide; 'full', the slide's level 0 (16x the pixels for a 1 um/px model on a "
         "0.25 um/px slide, and most of the run's time). Tables and GeoJSON are in level-0 pixels either way",

@@ -15,7 +15,7 @@ from .coco import coco_from_data
 from .errors import AnnotationError
 from .geojson import geojson_from_data
 from .imagescope import read_xml_annotations
-from .labeltiff import description_info, read_label_tiff_run
+from .labeltiff import description_info, description_run
 from .model import AnnotationSet
 from .omezarr import read_label_zarr, refuse_unfinished, run_grid
 from .raster import vectorize, vectorize_tiled
@@ -67,8 +67,8 @@ def read_label_file(path: str | os.PathLike[str]) -> LabelFile:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
                 array = tif.asarray()
-                info = description_info(tif.pages[0].description)
-            grid = run_grid(read_label_tiff_run(path))
+                description = tif.pages[0].description
+            info, grid = description_info(description), run_grid(description_run(description))
         else:
             with Image.open(path) as im:
                 array = np.asarray(im)

@@ -95,6 +95,15 @@ def description_info(description: str) -> tuple[dict[int, str], float | None] | 
         return None
 
 
+def description_run(description: str | None) -> dict | None:
+    """The run record an ImageDescription `write_label_tiff(..., run=)` wrote keeps, else None."""
+    try:
+        run = json.loads(description)[DESCRIPTION_KEY].get("run")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # no description, or another's
+        return None
+    return run if isinstance(run, dict) else None
+
+
 def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], float | None]:
     """Classes and mpp written by `write_label_tiff`; ({}, None) for other TIFFs."""
     description = _description(path)
@@ -103,23 +112,20 @@ def read_label_tiff_info(path: str | os.PathLike[str]) -> tuple[dict[int, str], 
 
 def read_label_tiff_run(path: str | os.PathLike[str]) -> dict | None:
     """The run record `write_label_tiff(..., run=)` kept, or None."""
-    description = _description(path)
-    try:
-        run = json.loads(description)[DESCRIPTION_KEY].get("run")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-    return run if isinstance(run, dict) else None
+    return description_run(_description(path))
 
 
 def read_label_tiff_pyramid(path: str | os.PathLike[str]):
-    """The levels of a label TIFF as lazy dask arrays, with its classes and pixel size."""
+    """The levels of a label TIFF as lazy dask arrays, with its classes, pixel size and run record."""
     import dask.array as da
     import tifffile
     import zarr
 
     from .omezarr import LabelPyramid, run_grid
 
-    classes, mpp = read_label_tiff_info(path)
+    description = _description(path)
+    classes, mpp = (description_info(description) if description is not None else None) or ({}, None)
+    run = description_run(description)
     try:
         store = tifffile.imread(path, aszarr=True)
         group = zarr.open(store, mode="r")
@@ -128,7 +134,6 @@ def read_label_tiff_pyramid(path: str | os.PathLike[str]):
     arrays = [group] if isinstance(group, zarr.Array) else [group[k] for k in sorted(group.array_keys(), key=int)]
     levels = [da.from_zarr(a) for a in arrays]
     downsamples = [levels[0].shape[-1] / level.shape[-1] for level in levels]
-    run = read_label_tiff_run(path)
-    pyramid = LabelPyramid(levels, downsamples, mpp, classes, Path(path).stem)
+    pyramid = LabelPyramid(levels, downsamples, mpp, classes, Path(path).stem, run)
     pyramid.slide_downsample, pyramid.slide_shape = run_grid(run)
     return pyramid

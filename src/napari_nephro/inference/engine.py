@@ -20,7 +20,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,9 +56,29 @@ class RunStats:
     complete: bool
     read_seconds: float = 0.0  # decoding and resampling tiles, summed over the reader threads
     wait_seconds: float = 0.0  # the model's thread waiting for tiles: reading the model did not hide
-    stitch_seconds: float = 0.0  # blending tiles, resampling rows to the output grid, class ids
-    write_seconds: float = 0.0  # the sink: object rules, compression, disk
+    stitch_seconds: float = 0.0  # the writer thread's own work (tiles into rows, resampling, ids), not the sink's
+    write_seconds: float = 0.0  # inside the sink: object rules, compression, disk
     tail_seconds: float = 0.0  # after the last batch: stitching and writing still to finish
+
+    @classmethod
+    def measured(
+        cls, plan: Plan, predicted: int, complete: bool, clocks: StageClocks, started: float, ended: float
+    ) -> RunStats:
+        """The stats of a run that began at `started` and fed its last batch at `ended` (perf_counter)."""
+        now = time.perf_counter()
+        return cls(
+            len(plan.tiles),
+            plan.skipped,
+            predicted,
+            now - started,
+            clocks.model.seconds,
+            complete,
+            read_seconds=clocks.read.seconds,
+            wait_seconds=clocks.wait.seconds,
+            stitch_seconds=clocks.stitch.seconds,
+            write_seconds=clocks.write.seconds,
+            tail_seconds=now - ended,
+        )
 
     def shares(self) -> dict[str, float]:
         """Each stage's time as a share of the run's: what a benchmark prints."""
@@ -84,6 +104,35 @@ class StageClock:
     def add(self, seconds: float) -> None:
         with self._lock:
             self.seconds += seconds
+
+
+@dataclass
+class StageClocks:
+    """A run's clocks, one per stage: both engines fill them the same way, so their stats mean the same."""
+
+    read: StageClock = field(default_factory=StageClock)
+    wait: StageClock = field(default_factory=StageClock)
+    model: StageClock = field(default_factory=StageClock)
+    stitch: StageClock = field(default_factory=StageClock)
+    write: StageClock = field(default_factory=StageClock)
+
+
+class Laps:
+    """One thread's time cut into stretches, each added to one stage's clock or to none (a wait): never twice."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+
+    def restart(self) -> None:
+        """Begin a stretch (after a wait for work that no stage should count)."""
+        self.mark = time.perf_counter()
+
+    def to(self, clock: StageClock | None) -> None:
+        """The stretch since the last mark goes to `clock` (None: to no stage)."""
+        now = time.perf_counter()
+        if clock is not None:
+            clock.add(now - self.mark)
+        self.mark = now
 
 
 class _Stop(Exception):
@@ -116,20 +165,19 @@ def run_tiles(
     already = len(plan.tiles) - len(todo)
     top = row_starts[first_row] if first_row < len(row_starts) else stitcher_rows[0]
     stitcher = RowStitcher(stitcher_rows, channels, plan.tile, plan.overlap, top=min(top, restart))
-    writer = _Writer(stitcher, resampler, sink, todo, row_starts)
+    clocks = StageClocks()
+    writer = _Writer(stitcher, resampler, sink, todo, row_starts, clocks)
     counter = _Counter(len(plan.tiles), already, progress)
     counter.add(sum(not t.tissue for t in todo))  # glass is done as soon as it is known to be glass
-    model_seconds, predicted = 0.0, 0
+    predicted = 0
     kept = [t for t in todo if t.tissue]
-    reading, waiting = StageClock(), StageClock()
-    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks=(reading, waiting))
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks)
     writer.start()
-    ended = None
     try:
         for batch, pixels in batches:
             t0 = time.perf_counter()
             probs = _predict(segmenter, pixels)
-            model_seconds += time.perf_counter() - t0
+            clocks.model.add(time.perf_counter() - t0)
             writer.put((batch, probs))
             predicted += len(batch)
             counter.add(len(batch))
@@ -140,21 +188,7 @@ def run_tiles(
             writer.close()  # stitches what was handed over, with the pool's help
         finally:
             pool.shutdown(cancel_futures=True)
-    complete = predicted == len(kept)
-    now = time.perf_counter()
-    return RunStats(
-        len(plan.tiles),
-        plan.skipped,
-        predicted,
-        now - started,
-        model_seconds,
-        complete,
-        read_seconds=reading.seconds,
-        wait_seconds=waiting.seconds,
-        stitch_seconds=writer.seconds,
-        write_seconds=writer.sink_seconds,
-        tail_seconds=now - ended,
-    )
+    return RunStats.measured(plan, predicted, predicted == len(kept), clocks, started, ended)
 
 
 def read_ahead(
@@ -164,15 +198,14 @@ def read_ahead(
     batch_size: int,
     pool: ThreadPoolExecutor,
     cancel: Callable[[], bool] | None,
-    clocks: tuple[StageClock, StageClock] | None = None,
+    clocks: StageClocks,
 ) -> Generator[tuple[list[GridTile], np.ndarray], None, None]:
     """Batches of `tiles` and their pixels, in order, read by `pool` PREFETCH_BATCHES batches ahead of the model.
 
     Stops early when `cancel()` says so (checked before each batch); closing the
     generator drops what was read ahead. Both engines feed their models from it.
-    `clocks`: (reading, waiting) add the readers' seconds and the caller's wait for them.
+    `clocks`: its read and wait clocks get the readers' seconds and the caller's wait for them.
     """
-    reading, waiting = clocks or (StageClock(), StageClock())
     batches = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
     pending: deque[tuple[list[GridTile], list[Future]]] = deque()
     next_batch = 0
@@ -180,14 +213,14 @@ def read_ahead(
         while next_batch < len(batches) or pending:
             while next_batch < len(batches) and len(pending) < PREFETCH_BATCHES:
                 batch = batches[next_batch]
-                pending.append((batch, [pool.submit(_timed_read, slide, plan, t, reading) for t in batch]))
+                pending.append((batch, [pool.submit(_timed_read, slide, plan, t, clocks.read) for t in batch]))
                 next_batch += 1
             if cancel is not None and cancel():
                 return
             batch, futures = pending.popleft()
             t0 = time.perf_counter()
             pixels = np.stack([f.result() for f in futures])
-            waiting.add(time.perf_counter() - t0)
+            clocks.wait.add(time.perf_counter() - t0)
             yield batch, pixels
     finally:
         for _, futures in pending:
@@ -379,36 +412,36 @@ class _Stage(threading.Thread):
 class _Writer(_Stage):
     """Stitches predicted tiles in grid order, off the model's thread; a sink thread writes what it releases."""
 
-    def __init__(self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts) -> None:
+    def __init__(
+        self, stitcher: RowStitcher, resampler: RowResampler, sink: Sink, tiles, row_starts, clocks: StageClocks
+    ) -> None:
         super().__init__("nephro-stitch", PREFETCH_BATCHES)
         self.stitcher, self.resampler, self.sink = stitcher, resampler, sink
         self.tiles, self.row_starts = list(tiles), row_starts
         self._next = 0  # index in self.tiles of the next tile to stitch
-        self._sink_thread = _SinkThread(sink)
-        self.seconds = 0.0  # blending, resampling and class ids, not the waits for the sink thread
-
-    @property
-    def sink_seconds(self) -> float:
-        return self._sink_thread.seconds
+        self._sink_thread = _SinkThread(sink, clocks.write)
+        self.clocks, self.laps = clocks, Laps()  # stitch: this thread's work, not its waits for the sink thread
 
     def run(self) -> None:
         self._sink_thread.start()
         super().run()
 
     def handle(self, item) -> None:
+        self.laps.restart()
         batch, probs = item
         for tile, p in zip(batch, probs, strict=True):
             self._advance(until=tile)
-            t0 = time.perf_counter()
             self.stitcher.add(tile.y, tile.x, p)
-            self.seconds += time.perf_counter() - t0
             self._next += 1
+        self.laps.to(self.clocks.stitch)
 
     def finish(self, failed: bool) -> None:
+        self.laps.restart()
         try:
             if not failed:
                 self._advance()  # trailing glass tiles, and the last rows when the run is complete
         finally:
+            self.laps.to(self.clocks.stitch)
             self._sink_thread.close()
 
     def _advance(self, until: GridTile | None = None) -> None:
@@ -425,34 +458,31 @@ class _Writer(_Stage):
             self.row_starts[self.tiles[self._next].row] if more else self.stitcher.height, self.stitcher.height
         )
         while finished > self.stitcher.top:  # a tile's height at a time: rows of glass below can be many
-            t0 = time.perf_counter()
             start, rows = self.stitcher.release(min(finished, self.stitcher.top + self.stitcher.tile))
-            blocks = self.resampler.push(start, rows)
-            while (block := next(blocks, None)) is not None:
-                y, out = block
+            for y, out in self.resampler.push(start, rows):
                 prepared = self.sink.prepare(out)  # class ids are 4x smaller than floats
-                self.seconds += time.perf_counter() - t0
+                self.laps.to(self.clocks.stitch)
                 self._sink_thread.put((y, prepared))
-                t0 = time.perf_counter()
-            self.seconds += time.perf_counter() - t0
+                self.laps.to(None)  # waiting for the sink thread: its own clock has that time
 
 
 class _SinkThread(_Stage):
     """Writes released rows to the sink in order, and flushes it at the end whatever happened."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, clock: StageClock) -> None:
         super().__init__("nephro-sink", 2)
-        self.sink = sink
-        self.seconds = 0.0
+        self.sink, self.clock = sink, clock
 
     def handle(self, item) -> None:
         t0 = time.perf_counter()
-        self.sink.write(*item)
-        self.seconds += time.perf_counter() - t0
+        try:
+            self.sink.write(*item)
+        finally:
+            self.clock.add(time.perf_counter() - t0)
 
     def finish(self, failed: bool) -> None:
         t0 = time.perf_counter()
         try:
             self.sink.flush()
         finally:
-            self.seconds += time.perf_counter() - t0
+            self.clock.add(time.perf_counter() - t0)

@@ -26,7 +26,17 @@ from scipy import ndimage
 
 from ..io import Slide
 from ..models.instances import TileInstances
-from .engine import PREFETCH_BATCHES, Progress, RunStats, StageClock, _Counter, _Stage, default_readers, read_ahead
+from .engine import (
+    PREFETCH_BATCHES,
+    Laps,
+    Progress,
+    RunStats,
+    StageClocks,
+    _Counter,
+    _Stage,
+    default_readers,
+    read_ahead,
+)
 from .errors import SegmentError
 from .plan import GridTile, Plan, slide_mpp
 
@@ -245,21 +255,20 @@ def run_instance_tiles(
     band = Band(plan.tile, plan.work_shape[1], plan.work_shape[0], top)
     if top < restart:  # a resume: the rows on disk hold objects of earlier tile rows that later ones must see
         _refill(band, rows, sink, top, restart, next_id)
-    writer = _InstanceWriter(plan, band, rows, sink, todo, next_id, polygons, slide_mpp(slide))
+    clocks = StageClocks()
+    writer = _InstanceWriter(plan, band, rows, sink, todo, next_id, polygons, slide_mpp(slide), clocks)
     counter = _Counter(len(plan.tiles), len(plan.tiles) - len(todo), progress)
     counter.add(sum(not t.tissue for t in todo))
     kept = [t for t in todo if t.tissue]
     pool = ThreadPoolExecutor(readers, thread_name_prefix="nephro-read")
-    reading, waiting = StageClock(), StageClock()
-    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks=(reading, waiting))
-    model_seconds, predicted = 0.0, 0
+    batches = read_ahead(slide, plan, kept, batch_size, pool, cancel, clocks)
+    predicted = 0
     writer.start()
-    ended = None
     try:
         for batch, pixels in batches:
             t0 = time.perf_counter()
             found = segmenter.predict_instances(pixels)
-            model_seconds += time.perf_counter() - t0
+            clocks.model.add(time.perf_counter() - t0)
             if len(found) != len(batch):
                 raise SegmentError(f"the model gave {len(found)} results for {len(batch)} tiles")
             writer.put((batch, found))
@@ -272,27 +281,13 @@ def run_instance_tiles(
             writer.close()
         finally:
             pool.shutdown(cancel_futures=True)
-    complete = predicted == len(kept)
-    now = time.perf_counter()
-    return RunStats(
-        len(plan.tiles),
-        plan.skipped,
-        predicted,
-        now - started,
-        model_seconds,
-        complete,
-        read_seconds=reading.seconds,
-        wait_seconds=waiting.seconds,
-        stitch_seconds=max(0.0, writer.seconds - writer.write_seconds),
-        write_seconds=writer.write_seconds,
-        tail_seconds=now - ended,
-    )
+    return RunStats.measured(plan, predicted, predicted == len(kept), clocks, started, ended)
 
 
 class _InstanceWriter(_Stage):
     """Keeps, numbers and pastes each tile's objects in grid order, off the model's thread, and writes final rows."""
 
-    def __init__(self, plan, band, rows, sink, tiles, next_id, polygons, mpp) -> None:
+    def __init__(self, plan, band, rows, sink, tiles, next_id, polygons, mpp, clocks: StageClocks) -> None:
         super().__init__("nephro-instances", PREFETCH_BATCHES)
         self.plan, self.band, self.rows, self.sink = plan, band, rows, sink
         self.tiles, self.next_id, self.polygons = list(tiles), next_id, polygons
@@ -301,28 +296,32 @@ class _InstanceWriter(_Stage):
         self.work_um2 = (mpp * plan.scale) ** 2
         self._next = 0  # index in self.tiles of the next tile to handle
         self._row = -1  # tile row last begun
-        self.seconds = 0.0  # all this thread's work
-        self.write_seconds = 0.0  # of which handing rows and objects to the sink
+        self.clocks, self.laps = clocks, Laps()  # stitch: this thread's own work; write: its calls into the sink
 
     def handle(self, item) -> None:
-        t0 = time.perf_counter()
+        self.laps.restart()
         batch, found = item
         for tile, result in zip(batch, found, strict=True):
             self._advance(until=tile)
             self._keep(tile, result)
             self._next += 1
-        self.seconds += time.perf_counter() - t0
+        self.laps.to(self.clocks.stitch)
 
     def finish(self, failed: bool) -> None:
-        t0 = time.perf_counter()
+        self.laps.restart()
         try:
             if not failed:
                 self._advance()
         finally:
-            t1 = time.perf_counter()
-            self.sink.flush()
-            self.write_seconds += time.perf_counter() - t1
-            self.seconds += time.perf_counter() - t0
+            self._to_sink(self.sink.flush)
+
+    def _to_sink(self, call, *args) -> None:
+        """Call into the sink: the time before it is this thread's stitching, the call's is the write stage's."""
+        self.laps.to(self.clocks.stitch)
+        try:
+            call(*args)
+        finally:
+            self.laps.to(self.clocks.write)
 
     def _advance(self, until: GridTile | None = None) -> None:
         """Pass glass tiles up to `until` (at the end: up to the first tile never predicted), beginning rows as
@@ -344,7 +343,7 @@ class _InstanceWriter(_Stage):
         if row == self._row:
             return
         self._release(self.row_starts[row])  # rows above this tile row are final
-        self.sink.begin_row(row, self.next_id)
+        self._to_sink(self.sink.begin_row, row, self.next_id)
         self._row = row
 
     def _release(self, until: int) -> None:
@@ -352,9 +351,7 @@ class _InstanceWriter(_Stage):
         if len(released):
             out = self.rows.push(start, released)
             if out is not None:
-                t0 = time.perf_counter()
-                self.sink.write(*out)
-                self.write_seconds += time.perf_counter() - t0
+                self._to_sink(self.sink.write, *out)
 
     def _keep(self, tile: GridTile, found: TileInstances) -> None:
         local, cy, cx, count = owned(found, tile, self.cores.of(tile))
@@ -389,9 +386,7 @@ class _InstanceWriter(_Stage):
             )
             for i, k, y, x, n, shape in zip(ids, local, cy, cx, count, shapes, strict=True)
         ]
-        t0 = time.perf_counter()
-        self.sink.add(nuclei)
-        self.write_seconds += time.perf_counter() - t0
+        self._to_sink(self.sink.add, nuclei)
         self.next_id += local.size
 
     def _outlines(self, tile: GridTile, labels: np.ndarray, local: np.ndarray) -> list:

@@ -191,7 +191,8 @@ def _centre_pixels(metadata: dict, record: dict) -> None:
             dataset["coordinateTransformations"].append({"type": "translation", "translation": [shift, shift]})
 
 
-RUN_FIELDS = ("slide", "slide_shape", "slide_mpp", "model", "plan")  # what a label TIFF keeps of its run
+# what a label TIFF keeps of its run; "complete" (True: written only by `finish`) so readers do not take it for a partial run
+RUN_FIELDS = ("slide", "slide_shape", "slide_mpp", "model", "plan", "complete")
 
 
 def _writable(array):

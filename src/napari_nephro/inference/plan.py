@@ -168,11 +168,13 @@ def make_plan(
     problem = mpp_problem(model_mpp, "model's tiles")
     if problem:
         raise SegmentError(problem)
-    if not isinstance(out_downsample, str):
-        resolve_downsample(out_downsample, 1.0)  # a wrong number is refused before the slide's mpp is asked for
+    # only "working" needs the slide's mpp: any other scale, or a wrong one, is settled before it is asked for
+    downsample = None if out_downsample == WORKING else resolve_downsample(out_downsample, 1.0)
     box = check_region(slide, region)
     scale = model_mpp / slide_mpp(slide)
-    plan = Plan(box, scale, resolve_downsample(out_downsample, scale), tile, overlap)
+    if downsample is None:
+        downsample = resolve_downsample(WORKING, scale)
+    plan = Plan(box, scale, downsample, tile, overlap)
     work_h, work_w = plan.work_shape
     try:
         grid = tile_grid((0, 0, work_w, work_h), tile=tile, overlap=overlap)

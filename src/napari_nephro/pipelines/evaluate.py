@@ -142,10 +142,12 @@ def align(pred: Labels, truth: Labels, name: str = "") -> tuple[Labels, Labels]:
     if pred.shape == truth.shape:
         return pred, truth
     factor = relative_scale(pred, truth)
-    if factor is not None and factor > 1 and _covers(truth.shape, factor, pred.shape):
-        return replace(pred, instances=Upsampled(pred, truth.shape, factor)), truth
-    if factor is not None and factor < 1 and _covers(pred.shape, 1 / factor, truth.shape):
-        return pred, replace(truth, instances=Upsampled(truth, pred.shape, 1 / factor))
+    if factor is not None and factor > 0:
+        swap = factor < 1  # the truth is the coarser side
+        fine, coarse, f = (pred, truth, 1 / factor) if swap else (truth, pred, factor)
+        if covers(fine.shape, f, coarse.shape):
+            coarse = replace(coarse, instances=Upsampled(coarse, fine.shape, f))
+            return (fine, coarse) if swap else (coarse, fine)
     scale = "" if factor is None else f" at {factor:.4g} truth pixels per prediction pixel"
     hint = (
         " (a coarser prediction needs its scale: an output of nephro segment records it, or both files their pixel size)"
@@ -158,9 +160,13 @@ def align(pred: Labels, truth: Labels, name: str = "") -> tuple[Labels, Labels]:
     )
 
 
-def _covers(fine: tuple[int, int], factor: float, coarse: tuple[int, int]) -> bool:
-    """Whether `coarse` pixels of `factor` fine pixels are exactly what covers `fine` (within one coarse pixel)."""
-    return all(c == cells_of(f, factor) for f, c in zip(fine, coarse, strict=True))
+def covers(fine: tuple[int, ...], factor: float, coarse: tuple[int, ...]) -> bool:
+    """Whether 2-D `coarse` pixels of `factor` (> 1) fine pixels are exactly what covers 2-D `fine`."""
+    return (
+        factor > 1
+        and len(fine) == len(coarse) == 2
+        and all(c == cells_of(f, factor) for f, c in zip(fine, coarse, strict=True))
+    )
 
 
 def _with_classes(instances, classes: dict[int, str]) -> Labels:

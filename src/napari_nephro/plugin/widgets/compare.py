@@ -37,6 +37,7 @@ from ...annotations import AnnotationError
 from ...annotations._write import atomic_write_bytes
 from ...evaluation import match_instances, object_table, pixel_scores, tp_fp_fn_map
 from ...evaluation.tpfpfn import TPFPFN_COLORS
+from ...pipelines.evaluate import Labels, Upsampled, covers
 from ._layers import chosen, labels_layers, refill
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ class CompareWidget(QWidget):
         self.save_button = QPushButton("Save CSV…")
         self.rows: list[dict] = []
         self.result_layer = None
-        self.downsample = 1
         self.views: Views | None = None  # what the last comparison compared, on one grid
 
         form = QFormLayout()
@@ -114,19 +114,19 @@ class CompareWidget(QWidget):
         if isinstance(views, str):
             self.summary.setText(views)
             return
-        self.views, self.downsample = views, views.downsample
-        pred, truth, grid = views.pred, views.truth, views.grid
+        self.views = views
+        pred, truth, grid, d = views.pred, views.truth, views.grid, views.downsample
         pixel = pixel_scores(pred, truth)
         result = match_instances(pred, truth, self.iou_spin.value())
-        mpp = float(grid.scale[-1]) * self.downsample if str(grid.units[-1]) == "micrometer" else None
+        mpp = float(grid.scale[-1]) * d if str(grid.units[-1]) == "micrometer" else None
         classes = views.truth_classes
         self.rows = object_table(result, truth_classes=classes if isinstance(classes, dict) else None, mpp=mpp)
         self._show_table()
-        self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer, grid)
+        self._show_map(tp_fp_fn_map(pred, truth), pred_layer, truth_layer, views)
         note = (
-            f"Computed at 1/{self.downsample} resolution: the layers are too large to compare whole in memory; "
+            f"Computed at 1/{d} resolution: the layers are too large to compare whole in memory; "
             "`nephro evaluate` scores full resolution.  |  "
-            if self.downsample > 1
+            if d > 1
             else ""
         )
         self.summary.setText(
@@ -136,7 +136,7 @@ class CompareWidget(QWidget):
             f"recall {_fmt(result.recall)}, F1 {_fmt(result.f1)}, PQ {_fmt(result.panoptic_quality)}"
         )
 
-    def _show_map(self, agreement: np.ndarray, pred_layer, truth_layer, grid) -> None:
+    def _show_map(self, agreement: np.ndarray, pred_layer, truth_layer, views: Views) -> None:
         from napari.utils.colormaps import DirectLabelColormap
 
         colors = {0: "transparent", None: "transparent"}
@@ -149,9 +149,9 @@ class CompareWidget(QWidget):
             name=name,
             colormap=DirectLabelColormap(color_dict=colors),
             opacity=0.6,
-            scale=tuple(np.asarray(grid.scale) * self.downsample),
-            translate=grid.translate,
-            units=grid.units,
+            scale=tuple(np.asarray(views.grid.scale) * views.downsample),
+            translate=views.grid.translate,
+            units=views.grid.units,
         )
 
     def _show_table(self) -> None:
@@ -193,7 +193,7 @@ class CompareWidget(QWidget):
         if views is None:
             return
         data = views.truth if entry["side"] == "truth" else views.pred
-        centre = np.asarray(ndimage.center_of_mass(data == entry["id"])) * self.downsample
+        centre = np.asarray(ndimage.center_of_mass(data == entry["id"])) * views.downsample
         world = np.asarray(views.grid.data_to_world(centre))
         _camera(self.viewer).center = tuple(world)
         layer = views.truth_layer if entry["side"] == "truth" else views.pred_layer
@@ -236,15 +236,15 @@ def comparable_views(pred_layer, truth_layer) -> Views | str:
     refused = f"The layers differ in shape ({shapes[0]} vs {shapes[1]}) and scale: they must cover the same image."
     if factor is None:
         return refused
-    if factor > 1 and _covers(shapes[1], factor, shapes[0]):
-        d = _downsample_for(shapes[1])
-        pred = _coarse_view(pred_layer, shapes[1], factor, d)
-        return Views(pred, _comparable(truth_layer, d), truth_layer, d, classes, pred_layer, truth_layer)
-    if factor < 1 and _covers(shapes[0], 1 / factor, shapes[1]):
-        d = _downsample_for(shapes[0])
-        truth = _coarse_view(truth_layer, shapes[0], 1 / factor, d)
-        return Views(_comparable(pred_layer, d), truth, pred_layer, d, classes, pred_layer, truth_layer)
-    return refused
+    swap = factor < 1  # the truth is the coarser side
+    fine, coarse, f = (pred_layer, truth_layer, 1 / factor) if swap else (truth_layer, pred_layer, factor)
+    fine_shape, coarse_shape = shapes if swap else shapes[::-1]
+    if not covers(fine_shape, f, coarse_shape):
+        return refused
+    d = _downsample_for(fine_shape)
+    on_grid, looked_up = _comparable(fine, d), _coarse_view(coarse, fine_shape, f, d)
+    pred, truth = (on_grid, looked_up) if swap else (looked_up, on_grid)
+    return Views(pred, truth, fine, d, classes, pred_layer, truth_layer)
 
 
 def _world_ratio(a, b) -> float | None:
@@ -255,16 +255,8 @@ def _world_ratio(a, b) -> float | None:
     return None if abs(ratio - 1) < 1e-9 else ratio
 
 
-def _covers(fine: tuple[int, ...], factor: float, coarse: tuple[int, ...]) -> bool:
-    from ...inference.plan import cells
-
-    return len(fine) == len(coarse) == 2 and all(c == cells(f, factor) for f, c in zip(fine, coarse, strict=True))
-
-
 def _coarse_view(layer, fine_shape: tuple[int, ...], factor: float, downsample: int) -> np.ndarray:
     """A coarse layer looked up on the fine grid at 1/downsample, from its coarsest level still fine enough."""
-    from ...pipelines.evaluate import Labels, Upsampled
-
     levels = list(layer.data) if layer.multiscale else [layer.data]
     level, step = levels[0], 1.0
     for candidate in levels[1:]:
@@ -280,6 +272,8 @@ def _against_polygons(pred_layer, shapes_layer) -> Views | str:
     from ...annotations import rasterize
     from ..layer_annotations import shapes_to_annotations
 
+    if str(pred_layer.units[-1]) != str(shapes_layer.units[-1]):
+        return "The prediction and the polygons are in different units: open both over the same slide."
     meta = {
         "scale": shapes_layer.scale,
         "translate": shapes_layer.translate,
@@ -288,8 +282,6 @@ def _against_polygons(pred_layer, shapes_layer) -> Views | str:
     }
     level0 = float(shapes_layer.scale[-1])  # world units per level-0 pixel: annotations sit on the slide's scale
     annotations = shapes_to_annotations(shapes_layer.data, meta, slide_mpp=level0)
-    if str(pred_layer.units[-1]) != str(shapes_layer.units[-1]):
-        return "The prediction and the polygons are in different units: open both over the same slide."
     d = _downsample_for(_level0_shape(pred_layer))
     pred = _comparable(pred_layer, d)
     step = float(pred_layer.scale[-1]) / level0  # level-0 pixels per prediction pixel

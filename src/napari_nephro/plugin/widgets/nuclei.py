@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFileDialog
 from ...inference import SegmentError, partial_path
 from ...inference.instance_api import LONG_RUN_SECONDS  # a longer run asks for a second Run
 from ._layers import UserFailure, catching
-from .segment import REGION_PIXELS, SegmentWidget
+from .segment import REGION_PIXELS, SegmentWidget, slide_downsample
 
 if TYPE_CHECKING:
     import napari
@@ -241,8 +241,6 @@ class NucleiWidget(SegmentWidget):
 
         if path.suffix.lower() != ".zarr":  # a table or QuPath detections: nothing to show as labels
             return None
-        from .segment import slide_downsample
-
         pyramid = read_label_zarr(path)
         downsample = slide_downsample(layer, pyramid)
         rows = []
