@@ -89,6 +89,30 @@ def test_the_report_is_saved_as_a_page_and_a_row(widget, qtbot, tmp_path):
     assert widget.status.plain_text().startswith("Not saved:") and "does not exist" in widget.status.plain_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "row.csv"]
     assert np.isfinite(report.nuclei_per_mm2)
+    assert report.nuclei == 600 and report.nuclei_per_mm2 == pytest.approx(600 / report.tissue_mm2, rel=1e-3)
+    slide = open_slide(test_report.sample_slide_path())
+    assert report.tissue_mm2 == pytest.approx(test_report._glass_free_area_mm2(slide), rel=0.06)  # independent
+
+
+def test_a_failure_while_reading_the_layers_is_one_line_in_the_widget(widget, qtbot, monkeypatch):
+    """A user's mistake (a 3-D glomerulus layer) and a failure nobody foresaw both end as a line, not a traceback."""
+    from napari_nephro.plugin.widgets import report as report_widget
+
+    widget.viewer.add_labels(np.zeros((2, 8, 8), np.uint8), name="stack")
+    widget.glomeruli_combo.setCurrentText("stack")
+    widget.compute()
+    qtbot.waitUntil(lambda: widget.report_button.isEnabled() and "must be 2-D" in widget.status.plain_text())
+    assert widget.report is None and "\n" not in widget.status.plain_text()
+
+    def broken(*_):
+        raise RuntimeError("the layer's store went away\nwhile reading")
+
+    monkeypatch.setattr(report_widget, "nuclei_centroids", broken)
+    widget.glomeruli_combo.setCurrentText("coarse4.zarr")
+    widget.compute()
+    qtbot.waitUntil(lambda: widget.report_button.isEnabled() and widget.status.plain_text().startswith("Failed"))
+    assert widget.status.plain_text() == "Failed: RuntimeError: the layer's store went away while reading"
+    assert widget.report is None and not widget.html_button.isEnabled()
 
 
 def test_nuclei_from_a_labels_layer_of_ids_count_inside_and_outside(widget, known, qtbot):

@@ -341,10 +341,10 @@ def report_slide(slide: SlideItem, models: list[ModelItem], runs: list[dict], ou
         with open_slide(slide.path, mpp=slide.mpp) as opened:
             report = biopsy_report(opened, glomeruli=outputs.get("glomeruli"), nuclei=outputs.get("nuclei"))
             report.slide = slide.name
-            page = out / slide.name / "report.html"
-            write_biopsy_html(report, page, slide=opened, glomeruli=outputs.get("glomeruli"))
+            write_biopsy_html(report, out / slide.name / "report.html", slide=opened)  # from what the report kept
     except Exception as exc:
         return BiopsyReport.failed(slide.name, f"report: {_one_line(exc)}")
+    report.placed = report.tissue = None  # the page is drawn: only the numbers go back to the client
     return report
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..annotations import AnnotationSet
+from ..annotations.omezarr import LabelPyramid
 from ..io import Slide
 from .errors import ReportError
-from .inputs import ClassLabels, as_slide, check_nuclei, place, read_glomeruli, read_nuclei, tissue_area_um2
+from .inputs import ClassLabels, Tissue, check_nuclei, opened_slide, place, read_glomeruli, read_nuclei, tissue
 from .measure import Objects, label_objects, polygon_objects
 
 # The row's columns, in order; units in the names (mm², µm², per mm² of tissue, per cent).
@@ -77,9 +78,13 @@ class BiopsyReport:
     glomeruli_mpp: float | None = None  # µm per pixel the glomeruli were measured at
     models: str | None = None  # "glomeruli: FINGERPRINT; nuclei: FINGERPRINT", from the outputs' run records
     error: str | None = None
-    # not in the row: per glomerulus, in the order found (raster order of their first pixel)
+    # not in the row: per glomerulus, for a label image ordered by the top-left corner of its bounding box
+    # (topmost first, then leftmost), for polygons in file order
     glomerulus_areas_um2: list[float] = field(default_factory=list, repr=False)
     glomerulus_classes: list[str] = field(default_factory=list, repr=False)
+    # not in the row either: what the page is drawn from, kept so it needs no second reading (None: not kept)
+    placed: ClassLabels | AnnotationSet | None = field(default=None, repr=False, compare=False)
+    tissue: Tissue | None = field(default=None, repr=False, compare=False)
 
     def row(self) -> dict:
         """The flat, CSV-ready row (COLUMNS in order)."""
@@ -100,34 +105,40 @@ def biopsy_report(
 ) -> BiopsyReport:
     """The report of one slide from its outputs: a glomerulus label image (.zarr, .tif, any scale) or
     GeoJSON, and a nuclei output (.zarr, .csv, .parquet). `mpp` sets the slide's pixel size when the
-    file lacks it (else the outputs' run record is asked). Raises ReportError for a user's mistake."""
-    opened = as_slide(slide, mpp)
-    labels = None if glomeruli is None else read_glomeruli(glomeruli)
-    xy, nuclei_run = (None, None) if nuclei is None else read_nuclei(nuclei)
-    slide_mpp = opened.mpp or _recorded_mpp(labels, nuclei_run)
-    if not slide_mpp:
-        raise ReportError(f"{opened.source.name}: its pixel size is unknown; give it (mpp=..., --mpp)")
-    if xy is not None:
-        check_nuclei(xy, opened, Path(nuclei).name)
-    if isinstance(labels, ClassLabels):
-        place(labels, opened, slide_mpp, Path(glomeruli).name)
-    models = _models(labels.run if isinstance(labels, ClassLabels) else None, nuclei_run)
-    tissue = tissue_area_um2(opened, slide_mpp)
-    name = opened.source.name
-    if isinstance(labels, AnnotationSet):
-        return report_from_polygons(
-            labels, slide_mpp=slide_mpp, tissue_um2=tissue, nuclei_xy=xy, slide_name=name, models=models
+    file lacks it (else the outputs' run record is asked). Raises ReportError for a user's mistake.
+
+    The report keeps the placed glomeruli and the tissue thumbnail (not in its row), so
+    `write_biopsy_html` draws its page without reading them again."""
+    with opened_slide(slide, mpp) as opened:
+        output = None if glomeruli is None else read_glomeruli(glomeruli)
+        xy, nuclei_run = (None, None) if nuclei is None else read_nuclei(nuclei)
+        glomeruli_run = output.run if isinstance(output, LabelPyramid) else None
+        slide_mpp = opened.mpp or _recorded_mpp(glomeruli_run, nuclei_run)
+        if not slide_mpp:
+            raise ReportError(f"{opened.source.name}: its pixel size is unknown; give it (mpp=..., --mpp)")
+        if xy is not None:
+            check_nuclei(xy, opened, Path(nuclei).name)
+        placed = place(output, opened, slide_mpp, Path(glomeruli).name) if isinstance(output, LabelPyramid) else output
+        found = tissue(opened, slide_mpp)
+        name = opened.source.name
+    models = _models(glomeruli_run, nuclei_run)
+    if isinstance(placed, AnnotationSet):
+        report = report_from_polygons(
+            placed, slide_mpp=slide_mpp, tissue_um2=found.area_um2, nuclei_xy=xy, slide_name=name, models=models
         )
-    return report_from_arrays(
-        None if labels is None else labels.array,
-        1.0 if labels is None else labels.downsample,
-        None if labels is None else labels.classes,
-        slide_mpp=slide_mpp,
-        tissue_um2=tissue,
-        nuclei_xy=xy,
-        slide_name=name,
-        models=models,
-    )
+    else:
+        report = report_from_arrays(
+            None if placed is None else placed.array,
+            1.0 if placed is None else placed.downsample,
+            None if placed is None else placed.classes,
+            slide_mpp=slide_mpp,
+            tissue_um2=found.area_um2,
+            nuclei_xy=xy,
+            slide_name=name,
+            models=models,
+        )
+    report.placed, report.tissue = placed, found
+    return report
 
 
 def report_from_arrays(
@@ -269,9 +280,9 @@ def _r(value: float | None, digits: int) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
-def _recorded_mpp(labels, nuclei_run: dict | None) -> float | None:
+def _recorded_mpp(glomeruli_run: dict | None, nuclei_run: dict | None) -> float | None:
     """The slide's pixel size as a run recorded it (a slide file without one, run with --mpp)."""
-    for run in (labels.run if isinstance(labels, ClassLabels) else None, nuclei_run):
+    for run in (glomeruli_run, nuclei_run):
         value = (run or {}).get("slide_mpp")
         if isinstance(value, int | float) and value > 0:
             return float(value)

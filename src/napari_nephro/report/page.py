@@ -10,7 +10,6 @@ import base64
 import csv
 import html
 import io
-import math
 import os
 from pathlib import Path
 
@@ -19,11 +18,13 @@ import numpy as np
 from ..annotations import AnnotationSet
 from ..annotations.colors import class_color
 from ..common.atomic import atomic_output
+from ..evaluation.blockwise import read_block
+from ..inference.plan import cells
 from ..io import Slide
 from ..tiling import read_scaled
 from .core import COLUMNS, BiopsyReport
 from .errors import ReportError
-from .inputs import ClassLabels, as_slide, place, read_glomeruli
+from .inputs import ClassLabels, Tissue, opened_slide, place, read_glomeruli
 
 OVERVIEW_SIDE = 1500  # px, the longer side of the page's slide overview
 CSV_NAME, INDEX_NAME = "cohort.csv", "index.html"
@@ -71,11 +72,13 @@ def write_biopsy_html(
     """One page: the slide overview with glomerulus outlines in class colours, the numbers, the areas' histogram.
 
     `glomeruli`: the output the report was made from (a path, or a placed ClassLabels
-    / polygons in level-0 px). An existing page is replaced (it is derived data).
+    / polygons in level-0 px); by default what `biopsy_report` kept on the report.
+    An existing page is replaced (it is derived data).
     """
     out = _target(out_html)
-    opened = as_slide(slide, mpp)
-    overview, legend = overview_png(opened, _placed(glomeruli, opened, report))
+    with opened_slide(slide, mpp) as opened:
+        shown = _placed(report.placed if glomeruli is None else glomeruli, opened, report)
+        overview, legend = overview_png(opened, shown, report.tissue)
     parts = [
         f"<h1>{_e(report.slide)}</h1>",
         f'<p class="error">Failed: {_e(report.error)}</p>' if report.error else "",
@@ -135,14 +138,21 @@ def csv_text(reports: list[BiopsyReport]) -> str:
 
 
 # -- the overview ---------------------------------------------------------------------------------
-def overview_png(slide: Slide, glomeruli: ClassLabels | AnnotationSet | None) -> tuple[str, str]:
-    """The slide at most OVERVIEW_SIDE px with class outlines, as base64 PNG, and an HTML legend of the classes."""
+def overview_png(
+    slide: Slide, glomeruli: ClassLabels | AnnotationSet | None, tissue: Tissue | None = None
+) -> tuple[str, str]:
+    """The slide at most OVERVIEW_SIDE px with class outlines, as base64 PNG, and an HTML legend of the classes.
+
+    `tissue`: the report's tissue thumbnail, used (shrunk) when it is at least as fine as the overview."""
     from PIL import Image
 
     height, width = slide.level_shapes[0]
     step = max(1.0, max(height, width) / OVERVIEW_SIDE)
-    rows, cols = max(1, math.ceil(height / step - 1e-6)), max(1, math.ceil(width / step - 1e-6))
-    rgb = np.array(read_scaled(slide, (0, 0, cols * step, rows * step), (rows, cols)))
+    rows, cols = cells(height, step), cells(width, step)
+    if tissue is not None and tissue.step <= step * 1.001:
+        rgb = np.array(Image.fromarray(tissue.rgb).resize((cols, rows), Image.Resampling.BOX))
+    else:
+        rgb = np.array(read_scaled(slide, (0, 0, cols * step, rows * step), (rows, cols)))
     legend = ""
     if glomeruli is not None:
         values, classes = _class_thumbnail(glomeruli, (rows, cols), step)
@@ -179,38 +189,32 @@ def _class_thumbnail(glomeruli, shape: tuple[int, int], step: float) -> tuple[np
     cols = xs[col_ok]
     for start in range(0, len(row_ok), 256):  # a band of the level's rows at a time
         at = row_ok[start : start + 256]
-        band = level[int(ys[at].min()) : int(ys[at].max()) + 1]
-        band = np.asarray(band.compute() if hasattr(band, "compute") else band)
+        band = read_block(level, int(ys[at].min()), int(ys[at].max()) + 1, 0, lw)
         out[np.ix_(at, np.flatnonzero(col_ok))] = band[ys[at] - ys[at].min()][:, cols]
     return out, dict(labels.classes)
 
 
 def _draw_outlines(rgb: np.ndarray, values: np.ndarray, colours: dict[int, tuple[int, int, int]]) -> None:
-    """Paint each object's edge (pixels next to another value), two pixels wide, in its class colour."""
+    """Paint each object's edge (its pixels next to another value), two pixels wide, in its class colour."""
     from scipy import ndimage
+    from skimage.segmentation import find_boundaries
 
-    padded = np.pad(values, 1, mode="edge")
-    edge = np.zeros(values.shape, bool)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        edge |= padded[dy : dy + values.shape[0], dx : dx + values.shape[1]] != values
-    edge &= values > 0
-    edge = ndimage.binary_dilation(edge) & (values > 0)
+    edge = ndimage.binary_dilation(find_boundaries(values, mode="inner")) & (values > 0)
     for value, colour in colours.items():
         rgb[edge & (values == value)] = colour
 
 
-def _placed(glomeruli, slide: Slide, report: BiopsyReport):
-    if glomeruli is None or isinstance(glomeruli, AnnotationSet):
+def _placed(glomeruli, slide: Slide, report: BiopsyReport) -> ClassLabels | AnnotationSet | None:
+    """The glomeruli on the slide: as given when already placed (or polygons), else read from their path."""
+    if glomeruli is None or isinstance(glomeruli, ClassLabels | AnnotationSet):
         return glomeruli
-    if isinstance(glomeruli, ClassLabels):
-        return glomeruli
-    labels = read_glomeruli(glomeruli)
-    if isinstance(labels, AnnotationSet):
-        return labels
+    output = read_glomeruli(glomeruli)
+    if isinstance(output, AnnotationSet):
+        return output
     mpp = slide.mpp or report.slide_mpp
     if not mpp:
         raise ReportError(f"{slide.source.name}: its pixel size is unknown; give it (mpp=...)")
-    return place(labels, slide, mpp, Path(glomeruli).name)
+    return place(output, slide, mpp, Path(glomeruli).name)
 
 
 # -- the numbers -------------------------------------------------------------------------------------
@@ -266,19 +270,20 @@ def _index_html(reports: list[BiopsyReport], folder: Path, pages: dict[str, str]
     head = "".join(f"<th>{_e(LABELS[c])}</th>" for c in shown)
     body = []
     for report in reports:
-        cells = []
+        row, tds = report.row(), []
         for column in shown:
-            value = report.row()[column]
+            value = row[column]
             if column == "slide" and report.slide in pages:
                 link = os.path.relpath(Path(pages[report.slide]).absolute(), folder.absolute())
-                cells.append(f'<td><a href="{_e(Path(link).as_posix())}">{_e(value)}</a></td>')
+                tds.append(f'<td><a href="{_e(Path(link).as_posix())}">{_e(value)}</a></td>')
             else:
-                cells.append(f"<td>{_cell(value)}</td>")
-        body.append(f"<tr{' class=failed' if report.error else ''}>{''.join(cells)}</tr>")
+                tds.append(f"<td>{_cell(value)}</td>")
+        body.append(f"<tr{' class=failed' if report.error else ''}>{''.join(tds)}</tr>")
     ok = [r for r in reports if not r.error]
     foot = []
     for label, values in (("total", _totals(ok)), ("mean", _means(ok))):
-        foot.append("<tr>" + "".join(f"<td>{_cell(values.get(c, '') if c != 'slide' else label)}</td>" for c in shown))
+        tds = "".join(f"<td>{_cell(label if c == 'slide' else values.get(c, ''))}</td>" for c in shown)
+        foot.append(f"<tr>{tds}</tr>")
     failed = len(reports) - len(ok)
     summary = f"{len(reports)} slides, {len(ok)} reported" + (f", {failed} failed" if failed else "")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody><tfoot>{''.join(foot)}</tfoot></table>"

@@ -26,8 +26,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ...evaluation.blockwise import read_block
+from ...io import SlideError
 from ...report import BiopsyReport, ClassLabels, ReportError, report_from_arrays, tissue_area_um2
 from ...report.page import LABELS, write_biopsy_html, write_report_csv
+from ..layer_annotations import label_classes
 from ._layers import UserFailure, catching, chosen, labels_layers, refill, slide_layers
 from ._wrapping import WrappingLabel
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     import napari
 
 NONE = "(none)"
+ERRORS = (ReportError, SlideError, OSError)  # a user's mistake or a file gone: said in the status line
 MAX_NUCLEI_PIXELS = 2**27  # nuclei centroids from a Labels layer are taken at the finest level this small
 
 
@@ -96,16 +100,23 @@ class ReportWidget(QWidget):
         refill(self.nuclei_combo, [NONE] + [layer.name for layer in self._nuclei_layers()], default=1)
 
     # -- computing ---------------------------------------------------------------------
-    def gather(self) -> dict:
-        """The chosen layers as plain data (on the GUI thread): slide, placed labels, nuclei centroids."""
+    def chosen_layers(self) -> tuple:
+        """The chosen slide, glomerulus and nuclei layers (on the GUI thread: it reads the combo boxes)."""
         slide_layer = chosen(self.slide_combo, slide_layers(self.viewer))
         if slide_layer is None:
             raise ReportError("open a slide first")
+        return (
+            slide_layer,
+            chosen(self.glomeruli_combo, self._glomerulus_layers()),
+            chosen(self.nuclei_combo, self._nuclei_layers()),
+        )
+
+    def gather(self, layers: tuple | None = None) -> dict:
+        """The chosen layers as plain data: slide, placed labels, nuclei centroids (in the worker: it reads pixels)."""
+        slide_layer, glomeruli, nuclei = self.chosen_layers() if layers is None else layers
         slide = slide_layer.metadata["slide"]
         if slide.mpp is None:
             raise ReportError(f"{slide.source.name}: its pixel size is unknown; set it in Slide info first")
-        glomeruli = chosen(self.glomeruli_combo, self._glomerulus_layers())
-        nuclei = chosen(self.nuclei_combo, self._nuclei_layers())
         return {
             "slide": slide,
             "labels": None if glomeruli is None else layer_labels(glomeruli, slide_layer),
@@ -116,7 +127,7 @@ class ReportWidget(QWidget):
         """The report of the chosen layers (in the calling thread)."""
         inputs = self.gather() if inputs is None else inputs
         slide, labels = inputs["slide"], inputs["labels"]
-        return report_from_arrays(
+        report = report_from_arrays(
             None if labels is None else labels.array,
             1.0 if labels is None else labels.downsample,
             None if labels is None else labels.classes,
@@ -126,23 +137,36 @@ class ReportWidget(QWidget):
             origin=(0.0, 0.0) if labels is None else labels.origin,
             slide_name=slide.source.name,
         )
+        report.placed = labels
+        return report
 
     def compute(self) -> None:
-        """Report on the chosen layers in a worker; the table fills when it is done."""
+        """Report on the chosen layers in a worker (reading their pixels too); the table fills when it is done."""
         from napari.qt.threading import create_worker
 
         try:
-            inputs = self.gather()
+            layers = self.chosen_layers()
         except ReportError as exc:
             self.status.setText(str(exc))
             return
+
+        def job():
+            inputs = self.gather(layers)
+            return inputs, self.report_now(inputs)
+
         self.report_button.setEnabled(False)
         self.status.setText("Measuring…")
-        self._worker = create_worker(catching(lambda: (inputs, self.report_now(inputs)), (ReportError,)))
-        self._worker.returned.connect(self._finished)
-        self._worker.errored.connect(lambda exc: self.status.setText(f"Failed: {exc.__class__.__name__}: {exc}"))
+        self._worker = create_worker(  # errored given here: else napari also re-raises it in the event loop
+            catching(job, ERRORS),
+            _connect={"returned": self._finished, "errored": self._failed},
+            _start_thread=False,
+        )
         self._worker.finished.connect(lambda: self.report_button.setEnabled(True))
         self._worker.start()
+
+    def _failed(self, exc: BaseException) -> None:
+        """What no user's mistake explains (a bug, a file gone): one line, not a traceback."""
+        self.status.setText(f"Failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
 
     def _finished(self, outcome) -> None:
         if isinstance(outcome, UserFailure):
@@ -224,16 +248,9 @@ def layer_labels(layer, slide_layer) -> ClassLabels:
     d = float(d_yx[1])
     origin_yx = (translate - t0) / s - (d - 1) / 2
     origin_yx = np.where(np.abs(origin_yx) < d / 2, 0.0, origin_yx)
-    classes = layer.metadata.get("classes")
-    if not isinstance(classes, dict):
-        features = layer.features
-        classes = (
-            {int(i): str(c) for i, c in zip(features["index"], features["class"], strict=True)}
-            if {"index", "class"} <= set(features.columns)
-            else {}
-        )
+    classes = label_classes({"metadata": layer.metadata, "features": layer.features})
     downsamples = [levels[0].shape[-1] / level.shape[-1] for level in levels]
-    return ClassLabels(levels, d, dict(classes), (float(origin_yx[1]), float(origin_yx[0])), downsamples)
+    return ClassLabels(levels, d, classes, (float(origin_yx[1]), float(origin_yx[0])), downsamples)
 
 
 def nuclei_centroids(layer, slide_layer) -> np.ndarray:
@@ -253,15 +270,14 @@ def nuclei_centroids(layer, slide_layer) -> np.ndarray:
             f"{layer.name}: too large to take its nuclei from; report from the nuclei table (napari_nephro.report.biopsy_report)"
         )
     level = placed.levels[k]
-    ids = np.asarray(level.compute() if hasattr(level, "compute") else level)
-    rows, cols = np.indices(ids.shape, sparse=True)
-    flat = ids.ravel()
-    n = int(flat.max()) + 1 if flat.size else 1
-    count = np.bincount(flat, minlength=n)
-    sy = np.bincount(flat, weights=np.broadcast_to(rows, ids.shape).ravel(), minlength=n)
-    sx = np.bincount(flat, weights=np.broadcast_to(cols, ids.shape).ravel(), minlength=n)
-    present = np.flatnonzero(count[1:]) + 1
+    ids = read_block(level, 0, level.shape[-2], 0, level.shape[-1])
+    ys, xs = np.nonzero(ids)  # only the nuclei's pixels, not the whole image's coordinates
+    values = ids[ys, xs].astype(np.int64)
+    count = np.bincount(values)
+    present = np.flatnonzero(count[1:]) + 1 if count.size else np.zeros(0, np.int64)
+    sy = np.bincount(values, weights=ys + 0.5, minlength=count.size)[present]
+    sx = np.bincount(values, weights=xs + 0.5, minlength=count.size)[present]
     f = placed.downsample * placed.level_downsamples[k]
-    x = placed.origin[0] + (sx[present] / count[present] + 0.5) * f
-    y = placed.origin[1] + (sy[present] / count[present] + 0.5) * f
+    x = placed.origin[0] + sx / count[present] * f
+    y = placed.origin[1] + sy / count[present] * f
     return np.stack([x, y], axis=1)
